@@ -1,0 +1,55 @@
+"""Request bodies of POST /generate, one model per paradigm."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class TextGenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    paradigm: Literal["autoregressive"] | None = None
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="chat turns, rendered with the model's chat template")
+    max_tokens: int | None = Field(None, ge=0, description="default from settings; 0 only with prompt_logprobs")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] | None = None
+    logprobs: int | None = Field(None, ge=0, description="top-n alternatives per generated token")
+    prompt_logprobs: bool = False
+    ignore_eos: bool = False
+    stream: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(stop == "" for stop in value):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> "TextGenerateRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.max_tokens == 0 and not self.prompt_logprobs:
+            raise ValueError("max_tokens 0 is only allowed with prompt_logprobs: true")
+        return self

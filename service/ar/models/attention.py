@@ -1,0 +1,160 @@
+"""Paged attention over a block pool, in plain torch.
+
+The model runner flattens the new tokens of every scheduled sequence into one
+packed batch of ``T`` tokens and describes it with a :class:`ForwardBatch`.
+Each attention layer then
+
+1. writes the new keys/values into the pool at ``slot_mapping`` and
+2. attends, per sequence, over the keys gathered through its block table.
+
+Sequences with one new token (decodes) are attended together in one padded
+SDPA call; each prefill chunk gets its own call with a causal mask offset by
+the tokens it already has in the cache. The gather indices and masks are built
+once per step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """The part of one sequence that a step computes."""
+
+    new_token_ids: list[int]
+    start_position: int  # tokens of this sequence already in the cache
+    block_table: list[int]  # physical block ids, covering start_position + len(new_token_ids)
+
+
+@dataclass
+class PrefillAttention:
+    query_start: int
+    query_len: int
+    kv_slots: torch.Tensor  # [context_len] flat slot ids
+    mask: torch.Tensor  # [1, 1, query_len, context_len] bool, True = attend
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] flat slot for each new token's K/V
+    num_decodes: int  # the first num_decodes tokens are one-token sequences
+    decode_kv_slots: torch.Tensor | None  # [num_decodes, max_context]
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context]
+    prefills: list[PrefillAttention]
+    query_lens: list[int]  # per sequence, in batch order
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def last_token_indices(self) -> list[int]:
+        """Index in the packed batch of each sequence's last new token."""
+        indices, end = [], 0
+        for query_len in self.query_lens:
+            end += query_len
+            indices.append(end - 1)
+        return indices
+
+
+def _slots_for(block_table: list[int], block_size: int, start: int, stop: int) -> list[int]:
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, stop)]
+
+
+def build_forward_batch(
+    slices: list[SequenceSlice], block_size: int, device: torch.device
+) -> ForwardBatch:
+    """Pack ``slices`` into one batch. Decodes (one new token) must come first."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    query_lens: list[int] = []
+    num_decodes = 0
+    for index, piece in enumerate(slices):
+        query_len = len(piece.new_token_ids)
+        if query_len == 1 and num_decodes == index:
+            num_decodes += 1
+        stop = piece.start_position + query_len
+        input_ids.extend(piece.new_token_ids)
+        positions.extend(range(piece.start_position, stop))
+        slot_mapping.extend(_slots_for(piece.block_table, block_size, piece.start_position, stop))
+        query_lens.append(query_len)
+
+    decode_kv_slots = decode_mask = None
+    if num_decodes:
+        context_lens = [slices[i].start_position + 1 for i in range(num_decodes)]
+        max_context = max(context_lens)
+        padded = [
+            _slots_for(slices[i].block_table, block_size, 0, context_lens[i])
+            + [0] * (max_context - context_lens[i])
+            for i in range(num_decodes)
+        ]
+        decode_kv_slots = torch.tensor(padded, dtype=torch.long, device=device)
+        lens = torch.tensor(context_lens, device=device)
+        decode_mask = (torch.arange(max_context, device=device)[None, :] < lens[:, None])
+        decode_mask = decode_mask[:, None, None, :]
+
+    prefills: list[PrefillAttention] = []
+    query_start = num_decodes
+    for piece in slices[num_decodes:]:
+        query_len = len(piece.new_token_ids)
+        context_len = piece.start_position + query_len
+        kv_slots = torch.tensor(
+            _slots_for(piece.block_table, block_size, 0, context_len), dtype=torch.long, device=device
+        )
+        query_positions = torch.arange(piece.start_position, context_len, device=device)
+        key_positions = torch.arange(context_len, device=device)
+        mask = (key_positions[None, :] <= query_positions[:, None])[None, None]
+        prefills.append(PrefillAttention(query_start, query_len, kv_slots, mask))
+        query_start += query_len
+
+    return ForwardBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        num_decodes=num_decodes,
+        decode_kv_slots=decode_kv_slots,
+        decode_mask=decode_mask,
+        prefills=prefills,
+        query_lens=query_lens,
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, heads, head_dim]
+    key: torch.Tensor,  # [T, kv_heads, head_dim]
+    value: torch.Tensor,  # [T, kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """Store this step's keys/values in the pool, then attend. Returns [T, heads, head_dim]."""
+    key_cache.index_copy_(0, batch.slot_mapping, key.to(key_cache.dtype))
+    value_cache.index_copy_(0, batch.slot_mapping, value.to(value_cache.dtype))
+    gqa = query.shape[1] != key.shape[1]
+    output = torch.empty_like(query)
+
+    if batch.num_decodes:
+        assert batch.decode_kv_slots is not None
+        n = batch.num_decodes
+        keys = key_cache[batch.decode_kv_slots].transpose(1, 2)  # [n, kv_heads, ctx, d]
+        values = value_cache[batch.decode_kv_slots].transpose(1, 2)
+        output[:n] = F.scaled_dot_product_attention(
+            query[:n].unsqueeze(2), keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
+        ).squeeze(2)
+
+    for prefill in batch.prefills:
+        start, stop = prefill.query_start, prefill.query_start + prefill.query_len
+        keys = key_cache[prefill.kv_slots].transpose(0, 1)[None]  # [1, kv_heads, ctx, d]
+        values = value_cache[prefill.kv_slots].transpose(0, 1)[None]
+        output[start:stop] = F.scaled_dot_product_attention(
+            query[start:stop].transpose(0, 1)[None], keys, values,
+            attn_mask=prefill.mask, scale=scale, enable_gqa=gqa,
+        )[0].transpose(0, 1)
+    return output

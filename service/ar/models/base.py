@@ -1,0 +1,87 @@
+"""The interface every causal LM implementation offers to the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from service.ar.models.attention import ForwardBatch
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache), each [num_slots, kv_heads, head_dim]
+
+_MAX_NAMES_IN_ERROR = 10
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or one of its options is not implemented here."""
+
+
+class WeightLoadingError(ValueError):
+    """The checkpoint's tensors do not match the model's parameters."""
+
+
+class CausalLM(nn.Module):
+    """Base class: a decoder-only LM that runs on the paged-attention contract.
+
+    Parameters are created uninitialised (``torch.empty``) on the target device and
+    dtype; ``load_weights`` must fill every one of them before use.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        """Run the packed batch; returns the final-normed hidden states [T, hidden]."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states [N, hidden] to float32 logits [N, vocab]."""
+        raise NotImplementedError
+
+    def parameter_name_for(self, checkpoint_name: str) -> str | None:
+        """Map a checkpoint tensor name to our parameter name; ``None`` skips the tensor."""
+        return checkpoint_name
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into the parameters, checking names and shapes."""
+        parameters = dict(self.named_parameters(remove_duplicate=False))
+        loaded_ids: set[int] = set()
+        unexpected: list[str] = []
+        for checkpoint_name, tensor in weights:
+            name = self.parameter_name_for(checkpoint_name)
+            if name is None:
+                continue
+            parameter = parameters.get(name)
+            if parameter is None:
+                unexpected.append(checkpoint_name)
+                continue
+            if parameter.shape != tensor.shape:
+                raise WeightLoadingError(
+                    f"tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, "
+                    f"but parameter {name!r} expects {tuple(parameter.shape)}"
+                )
+            parameter.copy_(tensor)
+            loaded_ids.add(id(parameter))
+        # named_parameters() yields a tied parameter once, so a tied lm_head is not required.
+        missing = [name for name, parameter in self.named_parameters() if id(parameter) not in loaded_ids]
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {_shorten(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {_shorten(unexpected)}")
+        if problems:
+            raise WeightLoadingError(
+                f"{type(self).__name__}: checkpoint does not match the model; " + "; ".join(problems)
+            )
+
+
+def _shorten(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES_IN_ERROR])
+    hidden = len(names) - _MAX_NAMES_IN_ERROR
+    return shown + (f" (and {hidden} more)" if hidden > 0 else "")

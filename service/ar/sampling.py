@@ -1,0 +1,96 @@
+"""Batched sampling with per-request generators.
+
+All logits processing is vectorized over the batch. The random draw is the
+exponential-race form of categorical sampling (``argmax(p / E)``, ``E ~ Exp(1)``),
+with each row's noise drawn from that request's own ``torch.Generator``. A row's
+token therefore depends only on its own logits and its own seed, never on what
+else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from service.ar.sequence import SamplingParams
+
+
+@dataclass
+class SampledTokens:
+    token_ids: list[int]
+    # per row: (logprob of the chosen token, top-n [(token, logprob)]) when asked for, else None
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: list[float],
+                              seen_token_ids: list[list[int]]) -> None:
+    for row, penalty, seen in zip(rows, penalties, seen_token_ids):
+        ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+        values = logits[row, ids]
+        logits[row, ids] = torch.where(values > 0, values / penalty, values * penalty)
+
+
+def _filter_top_k_top_p_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    device = logits.device
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
+    min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
+    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    remove = ranks >= top_k[:, None]
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    remove |= (cumulative - sorted_probs) > top_p[:, None]
+    remove |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+    remove[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, sorted_index, sorted_logits)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           seen_token_ids: list[list[int]]) -> SampledTokens:
+    """``logits`` [B, V] float32 -> one token per row."""
+    batch_size = logits.shape[0]
+    want_logprobs = [p.logprobs is not None for p in params]
+    raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+
+    penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if penalized:
+        logits = logits.clone()
+        _apply_repetition_penalty(logits, penalized, [params[i].repetition_penalty for i in penalized],
+                                  [seen_token_ids[i] for i in penalized])
+
+    chosen = logits.argmax(dim=-1)
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if random_rows:
+        row_index = torch.tensor(random_rows, device=logits.device)
+        row_params = [params[i] for i in random_rows]
+        temperatures = torch.tensor([p.temperature for p in row_params], device=logits.device,
+                                    dtype=logits.dtype)
+        scaled = logits.index_select(0, row_index) / temperatures[:, None]
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in row_params):
+            scaled = _filter_top_k_top_p_min_p(scaled, row_params)
+        probs = scaled.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        for position, row in enumerate(random_rows):
+            noise[position].exponential_(generator=generators[row])
+        chosen = chosen.index_copy(0, row_index, (probs / noise).argmax(dim=-1))
+
+    token_ids = chosen.tolist()
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * batch_size
+    if raw_logprobs is not None:
+        max_n = max(p.logprobs or 0 for p in params)
+        chosen_logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+        top_values, top_ids = (raw_logprobs.topk(max_n, dim=-1) if max_n else (None, None))
+        top_values_list = top_values.tolist() if top_values is not None else None
+        top_ids_list = top_ids.tolist() if top_ids is not None else None
+        for row, p in enumerate(params):
+            if p.logprobs is None:
+                continue
+            top = []
+            if p.logprobs and top_ids_list is not None and top_values_list is not None:
+                top = list(zip(top_ids_list[row][:p.logprobs], top_values_list[row][:p.logprobs]))
+            logprobs[row] = (chosen_logprobs[row], top)
+    return SampledTokens(token_ids, logprobs)
