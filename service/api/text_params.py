@@ -32,11 +32,9 @@ def sampling_params_from_request(request: TextGenerateRequest, settings: Setting
 def prompt_token_ids(engine: Any, request: TextGenerateRequest, settings: Settings) -> list[int]:
     if request.messages is not None:
         loaded = engine.loaded
-        token = loaded.tokenizer.id_to_token
-        bos = token(loaded.bos_token_id) if loaded.bos_token_id is not None else None
-        eos = token(min(loaded.eos_token_ids)) if loaded.eos_token_ids else None
         try:
-            text = render_chat(loaded.chat_template, [m.model_dump() for m in request.messages], bos, eos)
+            text = render_chat(loaded.chat_template, [m.model_dump() for m in request.messages],
+                               loaded.bos_token, loaded.eos_token)
         except ValueError as error:
             raise APIError(422, "validation_error", str(error)) from error
     else:

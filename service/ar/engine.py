@@ -67,6 +67,7 @@ class AREngine:
         self._num_queued = 0  # intake + waiting, read by the HTTP thread for admission
         self._lock = threading.Lock()
         self._labels = (PARADIGM, name)
+        metrics.register_engine_labels(PARADIGM, name, metrics.AR_ENGINE_METRICS)
 
     # ---- called from the HTTP side -------------------------------------------------------------
 
@@ -140,6 +141,7 @@ class AREngine:
         if batch.prefix_hit_tokens:
             metrics.PREFIX_CACHE_HIT_TOKENS.labels(*self._labels).inc(batch.prefix_hit_tokens)
         if batch.is_empty:
+            self._update_gauges()
             self._flush(events)
             return
 

@@ -28,6 +28,9 @@ class LoadedCausalLM:
     max_model_len: int
     name_or_path: str
     config: dict[str, Any] = field(default_factory=dict)
+    # tokenizer_config's special-token strings, which chat templates see as bos_token / eos_token
+    bos_token: str | None = None
+    eos_token: str | None = None
 
 
 def is_causal_lm_folder(path: Path) -> bool:
@@ -57,6 +60,8 @@ def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype) -> Load
         max_model_len=model.max_position_embeddings,
         name_or_path=str(path),
         config=config,
+        bos_token=_special_token(tokenizer_config, "bos_token"),
+        eos_token=_special_token(tokenizer_config, "eos_token"),
     )
 
 
@@ -122,14 +127,17 @@ def _token_ids(value: Any) -> list[int]:
     return [int(item) for item in value]
 
 
-def _special_token_id(tokenizer_config: dict[str, Any], key: str, tokenizer: Tokenizer) -> int | None:
-    """Id of a special token named in tokenizer_config (a string or an AddedToken dict)."""
+def _special_token(tokenizer_config: dict[str, Any], key: str) -> str | None:
+    """A special token named in tokenizer_config (a string or an AddedToken dict)."""
     token = tokenizer_config.get(key)
     if isinstance(token, dict):
         token = token.get("content")
-    if not isinstance(token, str):
-        return None
-    return tokenizer.token_to_id(token)
+    return token if isinstance(token, str) else None
+
+
+def _special_token_id(tokenizer_config: dict[str, Any], key: str, tokenizer: Tokenizer) -> int | None:
+    token = _special_token(tokenizer_config, key)
+    return None if token is None else tokenizer.token_to_id(token)
 
 
 def _eos_token_ids(

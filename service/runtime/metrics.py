@@ -67,3 +67,14 @@ HTTP_REJECTIONS = Counter(
 def record_request_end(paradigm: str, model: str, outcome: str, duration_s: float) -> None:
     REQUEST_DURATION.labels(paradigm, model, outcome).observe(duration_s)
     REQUESTS_TOTAL.labels(paradigm, model, outcome).inc()
+
+
+def register_engine_labels(paradigm: str, model: str, per_engine: tuple[object, ...]) -> None:
+    """Create an engine's series up front so dashboards see zeros, not gaps."""
+    for metric in per_engine:
+        metric.labels(paradigm, model)  # type: ignore[attr-defined]
+
+
+AR_ENGINE_METRICS = (QUEUE_WAIT, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, BATCH_SIZE, REQUESTS_RUNNING,
+                     REQUESTS_WAITING, KV_CACHE_USAGE, PROMPT_TOKENS, GENERATED_TOKENS, PREFIX_CACHE_HIT_TOKENS,
+                     PREEMPTIONS)

@@ -45,7 +45,9 @@ class GPT2Settings:
             intermediate_size=int(config.get("n_inner") or 4 * hidden_size),
             num_layers=int(config.get("n_layer") or config["num_hidden_layers"]),
             num_heads=int(config.get("n_head") or config["num_attention_heads"]),
-            max_position_embeddings=int(config.get("n_positions") or config.get("max_position_embeddings") or 1024),
+            max_position_embeddings=int(
+                config.get("n_positions") or config.get("max_position_embeddings") or 1024
+            ),
             layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)),
             activation=config.get("activation_function", "gelu_new"),
             scale_attn_weights=bool(config.get("scale_attn_weights", True)),
@@ -68,7 +70,8 @@ class GPT2Attention(nn.Module):
     def forward(self, hidden: torch.Tensor, kv_cache: KVCache, batch: ForwardBatch) -> torch.Tensor:
         num_tokens, hidden_size = hidden.shape
         query, key, value = (
-            part.view(num_tokens, self.num_heads, self.head_dim) for part in self.c_attn(hidden).split(hidden_size, -1)
+            part.view(num_tokens, self.num_heads, self.head_dim)
+            for part in self.c_attn(hidden).split(hidden_size, dim=-1)
         )
         key_cache, value_cache = kv_cache
         attended = paged_attention(query, key, value, key_cache, value_cache, batch, self.scale)

@@ -67,7 +67,7 @@ class RMSNorm(nn.Module):
         # Normalise in float32, round back, then scale: the same rounding order as HF Llama.
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype) * 1.0001
+        return self.weight * normed.to(x.dtype)
 
 
 class LayerNorm(nn.Module):

@@ -1,0 +1,230 @@
+"""The real server over HTTP: JSON and SSE responses, errors, overload, cancellation, metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures.tiny_models import build_tiny_llama
+from tests.integration.server import (RunningServer, metric_samples, metric_value, running_server,
+                                      stream_events)
+
+AR = {"paradigm": "autoregressive"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("http-model") / "tiny-llama", seed=3,
+                            max_positions=8192)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with running_server({"tiny": model_dir}, tmp_path_factory.mktemp("logs"), "--max-batch-size", "8",
+                        "--kv-cache-tokens", "8192", "--max-body-bytes", "20000",
+                        "--max-model-len", "4096") as running:
+        yield running
+
+
+@pytest.fixture()
+def client(server: RunningServer) -> Iterator[httpx.Client]:
+    with server.client() as http:
+        yield http
+
+
+def test_health_ready_models(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 200
+    assert client.get("/models").json()["models"] == [
+        {"name": "tiny", "paradigm": "autoregressive", "path": client.get("/models").json()["models"][0]["path"]}]
+
+
+def test_non_streamed_response_shape(client: httpx.Client) -> None:
+    response = client.post("/generate", json={**AR, "prompt": "def main():", "max_tokens": 7, "temperature": 0,
+                                              "ignore_eos": True})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "tiny" and body["paradigm"] == "autoregressive" and body["id"]
+    assert body["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 7 and body["usage"]["prompt_tokens"] > 0
+    timings = body["timings"]
+    assert 0 <= timings["queue_s"] <= timings["ttft_s"] <= timings["total_s"]
+
+
+def test_stream_deltas_concatenate_to_the_non_streamed_text(client: httpx.Client) -> None:
+    body = {"model": "tiny", "prompt": "class Config:", "max_tokens": 40, "temperature": 0.9, "seed": 7,
+            "ignore_eos": True}
+    whole = client.post("/generate", json=body).json()
+    events = stream_events(client, body)
+    kinds = [event.event for event in events]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"token"}
+    deltas = "".join(event.data["text"] for event in events[:-1])
+    assert deltas == whole["text"] == events[-1].data["text"]
+    assert events[-1].data["usage"] == whole["usage"]
+    assert sum(len(event.data["token_ids"]) for event in events[:-1]) <= whole["usage"]["completion_tokens"]
+
+
+def test_stop_string_is_never_emitted(client: httpx.Client) -> None:
+    base = {**AR, "prompt": "import os\n", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    full = client.post("/generate", json=base).json()["text"]
+    stop = full[12:15]
+    assert len(stop) == 3
+    cut = full[:full.find(stop)]
+    events = stream_events(client, {**base, "stop": [stop, "never-appears-in-output"]})
+    done = events[-1].data
+    assert done["finish_reason"] == "stop" and done["text"] == cut
+    streamed = "".join(event.data["text"] for event in events[:-1])
+    assert streamed == cut
+
+
+def test_logprobs_and_prompt_scoring(client: httpx.Client) -> None:
+    scored = client.post("/generate", json={**AR, "prompt": "for item in items:", "max_tokens": 0,
+                                            "prompt_logprobs": True}).json()
+    entries = scored["prompt_logprobs"]
+    assert entries[0]["logprob"] is None and all(e["logprob"] <= 0 for e in entries[1:])
+    assert scored["usage"]["completion_tokens"] == 0
+    generated = client.post("/generate", json={**AR, "prompt": "x", "max_tokens": 3, "logprobs": 2,
+                                               "temperature": 0, "ignore_eos": True}).json()
+    assert len(generated["logprobs"]) == 3
+    assert all(len(entry["top_logprobs"]) == 2 for entry in generated["logprobs"])
+
+
+def test_chat_messages_use_the_chat_template(client: httpx.Client) -> None:
+    response = client.post("/generate", json={**AR, "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 3, "temperature": 0})
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] > 2
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"prompt": "x", "max_tokens": -1}, 422),
+    ({"prompt": "x", "temperature": -0.5}, 422),
+    ({"prompt": "x", "top_p": 0}, 422),
+    ({"prompt": "x", "logprobs": 1000}, 422),
+    ({"prompt": "x", "max_tokens": 10**9}, 422),
+    ({"prompt": "x", "max_tokens": 0}, 422),
+    ({"prompt": "x", "stop": [""]}, 422),
+    ({"prompt": "x", "unknown_field": 1}, 422),
+    ({"prompt": 5}, 422),
+    ({}, 422),
+    ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 422),
+    ({"prompt": "x", "model": "no-such-model"}, 404),
+    ({"prompt": "x", "model": "tiny", "paradigm": "diffusion"}, 422),
+    ({"prompt": "x", "paradigm": "quantum"}, 422),
+    ({"prompt": "x", "model": ["tiny"]}, 422),
+    ({"prompt": "x", "seed": -1}, 422),
+    ({"prompt": "x " * 5000, "max_tokens": 1}, 413),
+    ({"prompt": "x", "max_tokens": 250, "ignore_eos": True, "stop": ["a"] * 17}, 422),
+])
+def test_bad_input_gets_a_json_4xx(client: httpx.Client, body: dict, status: int) -> None:
+    response = client.post("/generate", json={**({"paradigm": "autoregressive"} if "paradigm" not in body
+                                                 and "model" not in body and body else {}), **body})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] and error["message"]
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"{not json", 400),
+    (b"[1, 2]", 422),
+    (b'{"prompt": "x", "temperature": NaN}', 422),
+    (b'{"prompt": "\xff\xfe"}', 400),
+    (b'{"prompt": "' + b"a" * 30000 + b'"}', 413),
+])
+def test_malformed_bodies(client: httpx.Client, raw: bytes, status: int) -> None:
+    response = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert "error" in response.json()
+    assert client.post("/generate", json={**AR, "prompt": "still ok", "max_tokens": 2}).status_code == 200
+
+
+def test_unknown_route_and_method_are_json(client: httpx.Client) -> None:
+    assert client.get("/generate").json()["error"]["type"] == "http_error"
+    assert client.get("/nope").status_code == 404
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_client_disconnect_cancels_and_frees_blocks(client: httpx.Client) -> None:
+    def samples() -> dict[str, float]:
+        return metric_samples(client.get("/metrics").text)
+
+    cancelled_before = metric_value(samples(), "genserve_requests_total", outcome="cancelled")
+    long_request = {**AR, "prompt": "while True:", "max_tokens": 4000, "ignore_eos": True}
+    with client.stream("POST", "/generate", json={**long_request, "stream": True}) as response:
+        next(response.iter_lines())  # the first event arrived: the request is running
+    # non-streamed: the client gives up while the server is still generating
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{client.base_url}/generate", json=long_request, timeout=0.3)
+
+    def both_cancelled() -> bool:
+        current = samples()
+        return (metric_value(current, "genserve_requests_total", outcome="cancelled") >= cancelled_before + 2
+                and metric_value(current, "genserve_requests_running") == 0
+                and metric_value(current, "genserve_kv_cache_usage_ratio") == 0)
+
+    assert _wait_for(both_cancelled), client.get("/metrics").text
+
+
+def test_metrics_after_traffic(client: httpx.Client) -> None:
+    shared_prefix = "def handler(request, response):\n    return request.body " * 6
+    for suffix in ("a", "b"):
+        assert client.post("/generate", json={**AR, "prompt": shared_prefix + suffix, "max_tokens": 4}).status_code == 200
+    stream_events(client, {**AR, "prompt": "y = 2", "max_tokens": 5, "ignore_eos": True})
+    samples = metric_samples(client.get("/metrics").text)
+    labels = {"paradigm": "autoregressive", "model": "tiny"}
+    for histogram in ("genserve_request_duration_seconds", "genserve_queue_wait_seconds",
+                      "genserve_time_to_first_token_seconds", "genserve_inter_token_latency_seconds",
+                      "genserve_batch_size"):
+        assert metric_value(samples, f"{histogram}_count", **labels) > 0, histogram
+    assert metric_value(samples, "genserve_request_duration_seconds_bucket", le="300.0", **labels) > 0
+    assert metric_value(samples, "genserve_inter_token_latency_seconds_bucket", le="0.001", **labels) >= 0
+    for counter in ("genserve_requests_total", "genserve_prompt_tokens_total", "genserve_generated_tokens_total",
+                    "genserve_prefix_cache_hit_tokens_total"):
+        assert metric_value(samples, counter, **labels) > 0, counter
+    for present in ("genserve_preemptions_total", "genserve_requests_running", "genserve_requests_waiting",
+                    "genserve_kv_cache_usage_ratio"):
+        assert any(key.startswith(present + "{") for key in samples), present
+
+
+@pytest.fixture(scope="module")
+def small_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with running_server({"tiny": model_dir}, tmp_path_factory.mktemp("logs-small"), "--max-batch-size", "1",
+                        "--max-queue", "1", "--retry-after-s", "2") as running:
+        yield running
+
+
+def test_full_queue_gets_503_with_retry_after(small_server: RunningServer) -> None:
+    long_request = {"prompt": "x", "max_tokens": 4000, "ignore_eos": True}
+    with small_server.client() as http:
+        with http.stream("POST", "/generate", json={**long_request, "stream": True}) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()  # keep a reference: a collected iterator closes the stream
+            next(lines)  # occupies the only batch slot
+            waiting_result: list[int] = []
+            waiter = threading.Thread(target=lambda: waiting_result.append(
+                httpx.post(f"{small_server.url}/generate", json={**long_request, "max_tokens": 3},
+                           timeout=60).status_code))
+            waiter.start()
+            assert _wait_for(lambda: metric_value(metric_samples(http.get("/metrics").text),
+                                                  "genserve_requests_waiting") == 1)
+            rejected = http.post("/generate", json=long_request)
+            assert rejected.status_code == 503
+            assert rejected.headers["retry-after"] == "2"
+            assert rejected.json()["error"]["type"] == "overloaded"
+        waiter.join(60)
+        assert waiting_result == [200]
+        assert http.get("/health").status_code == 200

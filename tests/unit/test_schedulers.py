@@ -1,0 +1,297 @@
+"""Our vectorized DDIM / DDPM / Euler steps against diffusers' own schedulers, run alone and batched."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+from service.diffusion.schedulers import NoiseSchedule, SamplerKind, SamplerState
+
+# diffusers warns about config keys another scheduler class does not use; irrelevant here.
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+TRAIN_STEPS = 1000
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "ddpm_linear_leading": {
+        "num_train_timesteps": TRAIN_STEPS,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "clip_sample": True,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+        "variance_type": "fixed_small",
+    },
+    "sd_scaled_linear_leading": {
+        "_class_name": "PNDMScheduler",
+        "num_train_timesteps": TRAIN_STEPS,
+        **SD_BETAS,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "skip_prk_steps": True,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+    },
+    "sd_trailing_v_prediction": {
+        "num_train_timesteps": TRAIN_STEPS,
+        **SD_BETAS,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",
+        "variance_type": "fixed_large",
+    },
+    "cosine_linspace_sample": {
+        "num_train_timesteps": TRAIN_STEPS,
+        "beta_schedule": "squaredcos_cap_v2",
+        "clip_sample": True,
+        "clip_sample_range": 1.5,
+        "prediction_type": "sample",
+        "timestep_spacing": "linspace",
+        "variance_type": "fixed_small_log",
+        "final_sigmas_type": "sigma_min",
+    },
+    # No spacing / clip keys: each diffusers class falls back to its own defaults.
+    "sd_no_spacing_key": {"num_train_timesteps": TRAIN_STEPS, **SD_BETAS},
+}
+
+DIFFUSERS_CLASSES = {
+    SamplerKind.DDIM: DDIMScheduler,
+    SamplerKind.DDPM: DDPMScheduler,
+    SamplerKind.EULER: EulerDiscreteScheduler,
+}
+
+# (kind, eta) combinations that the trajectory tests cover.
+SAMPLERS = [(SamplerKind.DDIM, 0.0), (SamplerKind.DDIM, 0.5), (SamplerKind.DDPM, 0.0), (SamplerKind.EULER, 0.0)]
+
+
+def fake_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Deterministic stand-in for a denoiser; row-independent so batching cannot change it."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.dim() - 1)))
+    phase = torch.arange(x[0].numel(), dtype=torch.float32).reshape(x.shape[1:]) * 0.37
+    return 0.8 * torch.tanh(x) + 0.15 * x.roll(1, dims=-1) + 0.3 * torch.sin(t / 97.0 + phase)
+
+
+def make_diffusers_scheduler(config: dict[str, Any], kind: SamplerKind, num_steps: int):
+    scheduler = DIFFUSERS_CLASSES[kind].from_config(config)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def run_diffusers(
+    config: dict[str, Any],
+    kind: SamplerKind,
+    eta: float,
+    num_steps: int,
+    noise: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    scheduler = make_diffusers_scheduler(config, kind, num_steps)
+    x = noise * scheduler.init_noise_sigma
+    extra = {"eta": eta} if kind is SamplerKind.DDIM else {}
+    for t in scheduler.timesteps:
+        model_output = fake_model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(model_output, t, x, generator=generator, **extra).prev_sample
+    return x
+
+
+def run_ours_alone(schedule: NoiseSchedule, state: SamplerState, x: torch.Tensor) -> torch.Tensor:
+    while not state.finished:
+        t = schedule.model_timesteps([state])
+        model_output = fake_model(schedule.scale_model_input(x, [state]), t)
+        x = schedule.step(model_output, x, [state])
+    return x
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("kind", list(SamplerKind))
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 13, 50, 61, 100, 999, 1000])
+def test_timestep_plan_matches_diffusers(config_name: str, kind: SamplerKind, num_steps: int) -> None:
+    config = CONFIGS[config_name]
+    schedule = NoiseSchedule.from_config(config)
+    reference = make_diffusers_scheduler(config, kind, num_steps)
+    expected = reference.timesteps
+    if expected.max() > TRAIN_STEPS - 1:  # leading + steps_offset=1 with num_steps == 1000
+        with pytest.raises(ValueError, match="outside"):
+            schedule.timestep_plan(kind, num_steps)
+        return
+    plan = schedule.timestep_plan(kind, num_steps)
+    if len(expected) == num_steps + 1:  # diffusers' trailing-spacing overshoot to t = -1, which we drop
+        assert schedule.spacing_for(kind) == "trailing" and expected[-1] == -1
+        expected = expected[:-1]
+    assert plan.timesteps.dtype == expected.dtype
+    assert torch.equal(plan.timesteps, expected)
+    assert plan.num_steps == num_steps
+    assert plan.init_noise_sigma == float(reference.init_noise_sigma)
+    if kind is SamplerKind.EULER:
+        reference_sigmas = reference.sigmas
+        if len(reference_sigmas) == num_steps + 2:
+            reference_sigmas = torch.cat([reference_sigmas[:-2], reference_sigmas[-1:]])
+        assert torch.equal(plan.sigmas, reference_sigmas)
+    elif kind is SamplerKind.DDPM:
+        expected_prev = torch.stack([torch.as_tensor(reference.previous_timestep(t)) for t in expected])
+        expected_prev[-1] = -1  # where diffusers overshot, its "next" timestep was the dropped -1
+        assert torch.equal(plan.prev_timesteps, expected_prev)
+    else:
+        assert torch.equal(plan.prev_timesteps, expected - TRAIN_STEPS // num_steps)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize(("kind", "eta"), SAMPLERS, ids=[f"{k.value}-eta{e}" for k, e in SAMPLERS])
+@pytest.mark.parametrize("num_steps", [1, 5, 13, 50])
+def test_trajectory_matches_diffusers(config_name: str, kind: SamplerKind, eta: float, num_steps: int) -> None:
+    config = CONFIGS[config_name]
+    seed = 1000 * num_steps + len(config_name)
+    shape = (1, 4, 8, 8) if num_steps % 2 else (1, 1, 8, 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    reference_generator = torch.Generator().manual_seed(seed + 1)
+    expected = run_diffusers(config, kind, eta, num_steps, noise, reference_generator)
+
+    schedule = NoiseSchedule.from_config(config)
+    our_generator = torch.Generator().manual_seed(seed + 1)
+    state = schedule.new_state(kind, num_steps, eta=eta, generator=our_generator)
+    actual = run_ours_alone(schedule, state, noise * state.init_noise_sigma)
+
+    assert state.finished and state.step_index == num_steps
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    # Same number of noise draws as diffusers (DDPM skips t == 0, DDIM draws only when eta > 0).
+    assert torch.equal(our_generator.get_state(), reference_generator.get_state())
+
+
+def test_initial_noise_matches_pipeline_latents() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    state = schedule.new_state("euler", 30, generator=torch.Generator().manual_seed(7))
+    reference = make_diffusers_scheduler(CONFIGS["sd_scaled_linear_leading"], SamplerKind.EULER, 30)
+    expected = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7)) * reference.init_noise_sigma
+    assert torch.equal(schedule.initial_noise((1, 4, 8, 8), state), expected)
+    assert schedule.initial_noise_sigma("euler", 30) == float(reference.init_noise_sigma) > 1
+    assert schedule.initial_noise_sigma("ddim", 30) == 1.0
+
+
+# (kind, num_steps, eta, steps already taken alone, engine step at which the row joins)
+BATCH_ROWS = [
+    (SamplerKind.DDIM, 13, 0.0, 0, 0),
+    (SamplerKind.DDIM, 7, 0.5, 2, 0),
+    (SamplerKind.DDPM, 9, 0.0, 0, 0),
+    (SamplerKind.EULER, 11, 0.0, 4, 0),
+    (SamplerKind.DDIM, 20, 1.0, 0, 3),
+    (SamplerKind.EULER, 5, 0.0, 0, 2),
+    (SamplerKind.DDPM, 3, 0.0, 1, 1),
+    (SamplerKind.DDIM, 1, 0.3, 0, 5),
+]
+
+
+@pytest.mark.parametrize("config_name", ["sd_scaled_linear_leading", "sd_trailing_v_prediction", "ddpm_linear_leading"])
+def test_mixed_batch_rows_equal_rows_run_alone(config_name: str) -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS[config_name])
+    shape = (1, 4, 8, 8)
+
+    def fresh_row(index: int) -> tuple[SamplerState, torch.Tensor]:
+        kind, num_steps, eta, _, _ = BATCH_ROWS[index]
+        state = schedule.new_state(kind, num_steps, eta=eta, generator=torch.Generator().manual_seed(100 + index))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(200 + index))
+        return state, noise * state.init_noise_sigma
+
+    expected = [run_ours_alone(schedule, *fresh_row(i)) for i in range(len(BATCH_ROWS))]
+
+    states: list[SamplerState] = []
+    samples: list[torch.Tensor] = []
+    for index, (_, _, _, steps_alone, _) in enumerate(BATCH_ROWS):
+        state, x = fresh_row(index)
+        for _ in range(steps_alone):
+            x = schedule.step(fake_model(schedule.scale_model_input(x, [state]), state.timestep), x, [state])
+        states.append(state)
+        samples.append(x)
+
+    engine_step = 0
+    saw_mixed_kinds = False
+    while not all(state.finished for state in states):
+        active = [i for i, row in enumerate(BATCH_ROWS) if row[4] <= engine_step and not states[i].finished]
+        engine_step += 1
+        if not active:
+            continue
+        batch_states = [states[i] for i in active]
+        rows = schedule.gather_rows(batch_states)
+        saw_mixed_kinds |= len(rows.row_indices_by_kind) == 3
+        x = torch.cat([samples[i] for i in active])
+        model_output = fake_model(schedule.scale_model_input(x, rows), rows.timestep)
+        x = schedule.step_rows(model_output, x, rows)
+        schedule.advance(batch_states)
+        for position, i in enumerate(active):
+            samples[i] = x[position : position + 1]
+
+    assert saw_mixed_kinds
+    for index, (row_result, row_expected) in enumerate(zip(samples, expected)):
+        assert (row_result - row_expected).abs().max().item() <= 1e-6, f"row {index} ({BATCH_ROWS[index]})"
+
+
+def test_batched_step_keeps_half_precision_dtype() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    kinds = [SamplerKind.DDIM, SamplerKind.DDPM, SamplerKind.EULER]
+    states = [schedule.new_state(kind, 10, generator=torch.Generator().manual_seed(i)) for i, kind in enumerate(kinds)]
+    for state in states:
+        state.step_index = 4
+    x = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    model_output = fake_model(x, schedule.model_timesteps(states))
+
+    reference_states = [
+        schedule.new_state(kind, 10, generator=torch.Generator().manual_seed(i)) for i, kind in enumerate(kinds)
+    ]
+    for state in reference_states:
+        state.step_index = 4
+    reference = schedule.step(model_output, x, reference_states)
+    half = schedule.step(model_output.bfloat16(), x.bfloat16(), states)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), reference, atol=0.05, rtol=0.05)
+    scaled = schedule.scale_model_input(x.bfloat16(), states)
+    assert scaled.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"thresholding": True}, "thresholding"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+        ({"use_karras_sigmas": True}, "use_karras_sigmas"),
+        ({"interpolation_type": "log_linear"}, "interpolation_type"),
+        ({"beta_schedule": "sigmoid"}, "beta_schedule"),
+        ({"prediction_type": "flow"}, "prediction_type"),
+        ({"timestep_spacing": "karras"}, "timestep_spacing"),
+        ({"variance_type": "learned_range"}, "variance_type"),
+        ({"final_sigmas_type": "one"}, "final_sigmas_type"),
+        ({"timestep_type": "continuous"}, "timestep_type"),
+    ],
+)
+def test_unsupported_config_values_are_rejected(override: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule.from_config({**CONFIGS["sd_scaled_linear_leading"], **override})
+
+
+def test_invalid_requests_are_rejected() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    with pytest.raises(ValueError, match="sampler kind"):
+        schedule.new_state("heun", 10)
+    for num_steps in (0, TRAIN_STEPS + 1):
+        with pytest.raises(ValueError, match="num_steps"):
+            schedule.new_state("ddim", num_steps)
+    with pytest.raises(ValueError, match="eta"):
+        schedule.new_state("ddpm", 10, eta=0.5)
+    with pytest.raises(ValueError, match="eta"):
+        schedule.new_state("ddim", 10, eta=-1.0)
+
+    state = schedule.new_state("ddim", 1)
+    x = torch.zeros((1, 1, 4, 4))
+    schedule.step(x, x, [state])
+    assert state.finished
+    with pytest.raises(ValueError, match="finished"):
+        schedule.step(x, x, [state])
+    with pytest.raises(ValueError, match="batch size"):
+        schedule.step(torch.zeros((2, 1, 4, 4)), torch.zeros((2, 1, 4, 4)), [schedule.new_state("ddim", 2)])
