@@ -63,7 +63,7 @@ async def generate(request: Request) -> Response:
     raise APIError(422, "validation_error", f"paradigm {engine.paradigm!r} is not served")
 
 
-def _admit(add: Callable[[], RequestHandle], settings: Settings) -> RequestHandle:
+def admit(add: Callable[[], RequestHandle], settings: Settings) -> RequestHandle:
     try:
         return add()
     except QueueFull as error:
@@ -79,11 +79,16 @@ async def _generate_text(request: Request, engine: Any, body: dict[str, Any], se
     params = sampling_params_from_request(params_request, settings)
     prompt_ids = prompt_token_ids(engine, params_request, settings)
     loop = asyncio.get_running_loop()
-    handle = _admit(lambda: engine.add_request(prompt_ids, params, loop), settings)
-    if params_request.stream:
-        return EventSourceResponse(_stream(handle, request), headers={"Cache-Control": "no-cache",
-                                                                        "X-Accel-Buffering": "no"})
-    return await _collect(handle, request)
+    handle = admit(lambda: engine.add_request(prompt_ids, params, loop), settings)
+    return await respond(handle, request, params_request.stream)
+
+
+async def respond(handle: RequestHandle, request: Request, stream: bool) -> Response:
+    """Answer with one JSON body at the end, or with SSE events as they come."""
+    if stream:
+        return EventSourceResponse(sse_response_stream(handle, request),
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await collect_response(handle, request)
 
 
 def _response_object(handle: RequestHandle, result: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +109,7 @@ def _log_request(handle: RequestHandle, status: int, stream: bool, result: dict[
     request_log.info(json.dumps(line, separators=(",", ":")))
 
 
-async def _collect(handle: RequestHandle, request: Request) -> Response:
+async def collect_response(handle: RequestHandle, request: Request) -> Response:
     final: EngineEvent | None = None
     try:
         async for batch in event_batches(handle, request.receive):
@@ -121,7 +126,7 @@ async def _collect(handle: RequestHandle, request: Request) -> Response:
     return JSONResponse(_response_object(handle, final.data))
 
 
-async def _stream(handle: RequestHandle, request: Request) -> AsyncIterator[str]:
+async def sse_response_stream(handle: RequestHandle, request: Request) -> AsyncIterator[str]:
     final: dict[str, Any] | None = None
     try:
         async for batch in event_batches(handle, request.receive):
