@@ -1,0 +1,34 @@
+# genserve: the two commands a fresh machine needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup serve test bench-ar bench-diffusion clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	$(PY) -m service $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench-ar: $(VENV)/.bench-installed
+	$(PY) -m loadtest.bench_ar $(ARGS)
+
+bench-diffusion: $(VENV)/.bench-installed
+	$(PY) -m loadtest.bench_diffusion $(ARGS)
+
+clean:
+	rm -rf $(VENV) .bench build *.egg-info
