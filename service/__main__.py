@@ -7,8 +7,12 @@ env vars, which override the defaults. ``--model NAME=PATH`` may be repeated.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import typing
 from typing import Any, get_args, get_origin
 
@@ -56,6 +60,16 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     return Settings(**args)
 
 
+def _share_metrics_between_processes() -> None:
+    """The engine core runs in a child process; prometheus-client's multiprocess mode lets the
+    front end's /metrics include its series. Must run before prometheus_client is imported."""
+    if "prometheus_client" in sys.modules or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    directory = tempfile.mkdtemp(prefix="genserve-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = settings_from_args(argv)
@@ -63,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"invalid settings: {error}", file=sys.stderr)
         raise SystemExit(2) from error
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _share_metrics_between_processes()
     import uvicorn
 
     from service.app import create_app

@@ -31,6 +31,12 @@ def default_models() -> dict[str, Path]:
     return {name: path for name, path in bundled.items() if path.is_dir()}
 
 
+def _usable_cpus() -> set[int]:
+    import os
+
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENSERVE_", extra="ignore")
 
@@ -44,6 +50,9 @@ class Settings(BaseSettings):
         default_factory=default_models,
         description="NAME=PATH,... ; the paradigm is detected from the folder (repeatable flag --model NAME=PATH)",
     )
+    cpu_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per core, minus one for the HTTP side")
+    pin_cpus: bool = Field(True, description="on a CPU device with 2+ cores, pin the engine core to all cores but "
+                                             "the last and the HTTP front end to the last")
     # Admission and batching
     max_batch_size: int = Field(32, ge=1, description="most sequences/images in one engine step")
     max_queue: int = Field(256, ge=0, description="requests that may wait per engine before 503")
@@ -58,6 +67,17 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(128, ge=0, description="max_tokens when a request omits it")
     max_logprobs: int = Field(20, ge=0, description="largest top-n logprobs a request may ask for")
     max_stop_strings: int = Field(16, ge=0, description="most stop strings in one request")
+    # Diffusion engine
+    diffusion_max_batch_size: int = Field(
+        32, ge=1, description="most UNet rows in one denoise step; an image with guidance counts twice")
+    max_denoise_steps: int = Field(200, ge=1, description="largest 'steps' a diffusion request may ask for")
+    default_denoise_steps: int = Field(50, ge=1, description="denoise steps when a request omits 'steps'")
+    default_scheduler: Literal["model", "ddim", "ddpm", "euler"] = Field(
+        "model", description="sampler when a request omits 'scheduler'; model = the model folder's own "
+                             "scheduler when it is one of ddim/ddpm/euler, else ddim")
+    max_images_per_request: int = Field(8, ge=1, description="largest 'n' (images per diffusion request)")
+    max_image_side: int = Field(1024, ge=8, description="largest width/height for latent (Stable Diffusion) models")
+    preview_max_side: int = Field(64, ge=8, description="longest side, in pixels, of one image in a preview")
     # HTTP
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body (413 above)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
@@ -75,6 +95,16 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_cpu_threads(self) -> int:
+        return self.cpu_threads or max(1, len(_usable_cpus()) - 1)
+
+    def cpu_split(self) -> tuple[set[int], set[int]] | None:
+        """(engine-core cpus, front-end cpus) when pinning applies, else None."""
+        cpus = sorted(_usable_cpus())
+        if not self.pin_cpus or len(cpus) < 2 or self.resolved_device() != "cpu":
+            return None
+        return set(cpus[:-1]), {cpus[-1]}
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -14,11 +13,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
 
 from service.api.errors import APIError, error_response
-from service.api.schemas import TextGenerateRequest
-from service.api.text_params import prompt_token_ids, sampling_params_from_request
+from service.api.schemas import REQUEST_SCHEMAS
 from service.api.streaming import ClientDisconnected, event_batches, merge_token_events, sse_message
-from service.runtime.registry import AUTOREGRESSIVE, ModelRegistry, UnknownModel
-from service.runtime.requests import EngineEvent, QueueFull, RequestHandle, RequestRejected
+from service.runtime.engine_client import ClientHandle, EngineClient, EngineCoreDied
+from service.runtime.registry import UnknownModel, resolve_model
+from service.runtime.requests import EngineEvent, QueueFull, RequestRejected
 from service.settings import Settings
 
 router = APIRouter()
@@ -46,44 +45,37 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
 async def generate(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
-    registry: ModelRegistry = state.registry
-    if not state.ready:
+    client: EngineClient = state.engine_client
+    if not client.ready.is_set():
         raise APIError(503, "not_ready", "models are still loading", {"Retry-After": str(settings.retry_after_s)})
     body = await read_json_body(request, settings.max_body_bytes)
     if not isinstance(body, dict):
         raise APIError(422, "validation_error", "the request body must be a JSON object")
+    paradigms = {name: entry["paradigm"] for name, entry in client.models.items()}
     try:
-        engine = registry.resolve(body.get("model"), body.get("paradigm"))
+        model = resolve_model(paradigms, body.get("model"), body.get("paradigm"))
     except UnknownModel as error:
         raise APIError(404, "model_not_found", str(error)) from error
     except RequestRejected as error:
         raise APIError(error.status_code, error.error_type, str(error)) from error
-    if engine.paradigm == AUTOREGRESSIVE:
-        return await _generate_text(request, engine, body, settings)
-    raise APIError(422, "validation_error", f"paradigm {engine.paradigm!r} is not served")
+    schema = REQUEST_SCHEMAS[paradigms[model]]
+    validated = schema.model_validate({**body, "model": model})
+    handle = await submit(client, model, validated.model_dump(), settings)
+    return await respond(handle, request, validated.stream)
 
 
-def admit(add: Callable[[], RequestHandle], settings: Settings) -> RequestHandle:
+async def submit(client: EngineClient, model: str, payload: dict[str, Any], settings: Settings) -> ClientHandle:
     try:
-        return add()
+        return await client.submit(model, payload)
     except QueueFull as error:
-        raise APIError(503, "overloaded", f"queue is full ({error}); retry later",
-                       {"Retry-After": str(settings.retry_after_s)}) from error
+        raise APIError(503, "overloaded", str(error), {"Retry-After": str(settings.retry_after_s)}) from error
     except RequestRejected as error:
         raise APIError(error.status_code, error.error_type, str(error)) from error
+    except EngineCoreDied as error:
+        raise APIError(503, "engine_unavailable", str(error), {"Retry-After": str(settings.retry_after_s)}) from error
 
 
-async def _generate_text(request: Request, engine: Any, body: dict[str, Any], settings: Settings) -> Response:
-    body = {**body, "model": body.get("model") or engine.name}
-    params_request = TextGenerateRequest.model_validate(body)
-    params = sampling_params_from_request(params_request, settings)
-    prompt_ids = prompt_token_ids(engine, params_request, settings)
-    loop = asyncio.get_running_loop()
-    handle = admit(lambda: engine.add_request(prompt_ids, params, loop), settings)
-    return await respond(handle, request, params_request.stream)
-
-
-async def respond(handle: RequestHandle, request: Request, stream: bool) -> Response:
+async def respond(handle: ClientHandle, request: Request, stream: bool) -> Response:
     """Answer with one JSON body at the end, or with SSE events as they come."""
     if stream:
         return EventSourceResponse(sse_response_stream(handle, request),
@@ -91,11 +83,11 @@ async def respond(handle: RequestHandle, request: Request, stream: bool) -> Resp
     return await collect_response(handle, request)
 
 
-def _response_object(handle: RequestHandle, result: dict[str, Any]) -> dict[str, Any]:
+def _response_object(handle: ClientHandle, result: dict[str, Any]) -> dict[str, Any]:
     return {"id": handle.request_id, "model": handle.model, "paradigm": handle.paradigm, **result}
 
 
-def _log_request(handle: RequestHandle, status: int, stream: bool, result: dict[str, Any] | None) -> None:
+def _log_request(handle: ClientHandle, status: int, stream: bool, result: dict[str, Any] | None) -> None:
     line: dict[str, Any] = {"event": "request", "id": handle.request_id, "model": handle.model,
                             "paradigm": handle.paradigm, "status": status, "stream": stream,
                             "wall_s": round(time.perf_counter() - handle.arrival_time, 6)}
@@ -109,7 +101,7 @@ def _log_request(handle: RequestHandle, status: int, stream: bool, result: dict[
     request_log.info(json.dumps(line, separators=(",", ":")))
 
 
-async def collect_response(handle: RequestHandle, request: Request) -> Response:
+async def collect_response(handle: ClientHandle, request: Request) -> Response:
     final: EngineEvent | None = None
     try:
         async for batch in event_batches(handle, request.receive):
@@ -126,19 +118,22 @@ async def collect_response(handle: RequestHandle, request: Request) -> Response:
     return JSONResponse(_response_object(handle, final.data))
 
 
-async def sse_response_stream(handle: RequestHandle, request: Request) -> AsyncIterator[str]:
+async def sse_response_stream(handle: ClientHandle, request: Request) -> AsyncIterator[str]:
     final: dict[str, Any] | None = None
     try:
         async for batch in event_batches(handle, request.receive):
+            messages = []
             for event in merge_token_events(batch):
                 if event.kind == "done":
                     final = event.data
-                    yield sse_message("done", _response_object(handle, event.data))
+                    messages.append(sse_message("done", _response_object(handle, event.data)))
                 elif event.kind == "error":
                     final = event.data
-                    yield sse_message("error", {"error": event.data["error"]})
-                elif event.data.get("text") or "logprobs" in event.data or event.kind != "token":
-                    yield sse_message(event.kind, event.data)
+                    messages.append(sse_message("error", {"error": event.data["error"]}))
+                elif event.kind != "token" or event.data["text"] or "logprobs" in event.data:
+                    messages.append(sse_message(event.kind, event.data))
+            if messages:
+                yield "".join(messages)
     except ClientDisconnected:
         pass
     finally:

@@ -53,3 +53,35 @@ class TextGenerateRequest(BaseModel):
         if self.max_tokens == 0 and not self.prompt_logprobs:
             raise ValueError("max_tokens 0 is only allowed with prompt_logprobs: true")
         return self
+
+
+class ImageGenerateRequest(BaseModel):
+    """A diffusion request. Fields left out take the server's or the model's default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    paradigm: Literal["diffusion"] | None = None
+    model: str | None = None
+    prompt: str = Field("", description="text (text-to-image) or a class label; empty = unconditional")
+    negative_prompt: str | None = Field(None, description="the unconditional half of guidance")
+    steps: int | None = Field(None, ge=1, description="denoise steps; default and maximum from settings")
+    scheduler: Literal["ddim", "ddpm", "euler"] | None = Field(None, description="default: settings / the model's")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM noise: 0 = deterministic, 1 = DDPM-like")
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0, description="> 1 turns on classifier-free guidance")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="image i uses seed + i")
+    n: int = Field(1, ge=1, description="images in this request")
+    width: int | None = Field(None, ge=8, description="pixels, a multiple of 8; default: the model's")
+    height: int | None = Field(None, ge=8, description="pixels, a multiple of 8; default: the model's")
+    stream: bool = False
+    preview_every: int | None = Field(None, ge=1, description="a PNG preview with every k-th progress event")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_eight(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+
+REQUEST_SCHEMAS: dict[str, type[BaseModel]] = {"autoregressive": TextGenerateRequest,
+                                                "diffusion": ImageGenerateRequest}

@@ -9,7 +9,8 @@ from typing import Any
 
 from starlette.types import Receive
 
-from service.runtime.requests import EngineEvent, RequestHandle
+from service.runtime.engine_client import ClientHandle
+from service.runtime.requests import EngineEvent
 
 
 class ClientDisconnected(Exception):
@@ -23,29 +24,31 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def event_batches(handle: RequestHandle, receive: Receive) -> AsyncIterator[list[EngineEvent]]:
+async def event_batches(handle: ClientHandle, receive: Receive) -> AsyncIterator[list[EngineEvent]]:
     """Yield the handle's events, several at a time when they pile up, until the final one.
 
-    If the client disconnects first, the request is cancelled in the engine and
-    ``ClientDisconnected`` is raised. Leaving early (e.g. the response task is
-    cancelled) also cancels the request.
+    A watcher task turns the client's disconnect into an event in the handle's own
+    queue, so reading costs one ``await queue.get()`` per batch and no task per token.
+    On disconnect the request is cancelled in the engine and ``ClientDisconnected`` is
+    raised; leaving early for any other reason also cancels the request.
     """
-    disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
+
+    async def watch_disconnect() -> None:
+        await _wait_for_disconnect(receive)
+        handle.notify_disconnect()
+
+    watcher = asyncio.ensure_future(watch_disconnect())
     try:
         while True:
-            next_event = asyncio.ensure_future(handle.next_event())
-            done, _ = await asyncio.wait({next_event, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-            if next_event not in done:
-                next_event.cancel()
+            first = await handle.next_event()
+            batch = [first] if first.is_final else [first, *handle.pending_events()]
+            if any(event.kind == "disconnect" for event in batch):
                 raise ClientDisconnected(handle.request_id)
-            batch = [next_event.result()]
-            if not batch[0].is_final:
-                batch.extend(handle.pending_events())
             yield batch
             if batch[-1].is_final:
                 return
     finally:
-        disconnect.cancel()
+        watcher.cancel()
         handle.cancel()
 
 

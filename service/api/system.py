@@ -6,35 +6,40 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.runtime.metrics import REGISTRY
+from service.runtime.engine_client import EngineClient
+from service.runtime.metrics import exposition_registry
 
 router = APIRouter()
 
 
+def _client(request: Request) -> EngineClient:
+    return request.app.state.engine_client
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    state = request.app.state
-    if state.load_error is not None or not state.worker.alive and state.ready:
-        return JSONResponse({"status": "unhealthy", "error": state.load_error or "device worker stopped"},
+    client = _client(request)
+    if client.load_error is not None or not client.alive:
+        return JSONResponse({"status": "unhealthy", "error": client.load_error or "engine core stopped"},
                             status_code=503)
     return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    state = request.app.state
-    if state.ready:
+    client = _client(request)
+    if client.ready.is_set() and client.alive:
         return JSONResponse({"status": "ready"})
-    detail = "loading" if state.load_error is None else f"failed: {state.load_error}"
+    detail = "loading" if client.load_error is None else f"failed: {client.load_error}"
     return JSONResponse({"status": detail}, status_code=503,
-                        headers={"Retry-After": str(state.settings.retry_after_s)})
+                        headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
 
 
 @router.get("/models")
 async def models(request: Request) -> JSONResponse:
-    return JSONResponse({"models": request.app.state.registry.describe()})
+    return JSONResponse({"models": list(_client(request).models.values())})
 
 
 @router.get("/metrics")
 async def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)

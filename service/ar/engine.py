@@ -6,7 +6,6 @@ thread-safe intake queues; everything else runs in the device worker's thread.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import random
@@ -26,8 +25,8 @@ from service.ar.sampling import sample
 from service.ar.scheduler import Scheduler
 from service.ar.sequence import SamplingParams, Sequence, SequenceStatus, TokenLogprob
 from service.runtime import metrics
-from service.runtime.requests import (EngineEvent, QueueFull, RequestHandle, RequestRejected, deliver,
-                                      new_request_id)
+from service.runtime.requests import (LOCAL_SINK, EngineEvent, EventSink, QueueFull, RequestHandle,
+                                      RequestRejected, deliver, new_request_id)
 
 PARADIGM = "autoregressive"
 logger = logging.getLogger(__name__)
@@ -68,21 +67,25 @@ class AREngine:
         self._lock = threading.Lock()
         self._labels = (PARADIGM, name)
         metrics.register_engine_labels(PARADIGM, name, metrics.AR_ENGINE_METRICS)
+        self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*self._labels)
+        self._itl = metrics.INTER_TOKEN_LATENCY.labels(*self._labels)
+        self._generated = metrics.GENERATED_TOKENS.labels(*self._labels)
 
     # ---- called from the HTTP side -------------------------------------------------------------
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True).ids
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    loop: asyncio.AbstractEventLoop | None) -> RequestHandle:
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, sink: EventSink | None = None,
+                    request_id: str | None = None) -> RequestHandle:
         """Queue a request. Raises ``QueueFull`` or ``RequestRejected``; never blocks on the model."""
         self._validate(prompt_token_ids, params)
         with self._lock:
             if self._num_queued >= self.config.max_queue:
                 raise QueueFull(f"{self.name}: {self._num_queued} requests already waiting")
             self._num_queued += 1
-        handle = RequestHandle(new_request_id("gen"), self.name, PARADIGM, loop, self.abort)
+        handle = RequestHandle(request_id or new_request_id("gen"), self.name, PARADIGM, self.abort,
+                               sink or LOCAL_SINK)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
@@ -99,7 +102,7 @@ class AREngine:
 
     def warmup_request(self) -> RequestHandle:
         prompt = self.encode_prompt("Hello, world") or [0]
-        return self.add_request(prompt[:8], SamplingParams(max_tokens=4, temperature=0.0), loop=None)
+        return self.add_request(prompt[:8], SamplingParams(max_tokens=4, temperature=0.0))
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         num_prompt = len(prompt_token_ids)
@@ -180,6 +183,7 @@ class AREngine:
             now = time.perf_counter()
             for seq, token_id, logprob in zip(to_sample, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token_id, logprob, now, events)
+            self._generated.inc(len(to_sample))
 
         self._update_gauges()
         self._flush(events)
@@ -199,13 +203,12 @@ class AREngine:
                       logprob: tuple[float, list[tuple[int, float]]] | None, now: float,
                       events: list[tuple[RequestHandle, EngineEvent]]) -> None:
         seq.token_ids.append(token_id)
-        metrics.GENERATED_TOKENS.labels(*self._labels).inc()
         if seq.first_token_time is None:
             seq.first_token_time = now
-            metrics.TIME_TO_FIRST_TOKEN.labels(*self._labels).observe(now - seq.arrival_time)
+            self._ttft.observe(now - seq.arrival_time)
         else:
             assert seq.last_token_time is not None
-            metrics.INTER_TOKEN_LATENCY.labels(*self._labels).observe(now - seq.last_token_time)
+            self._itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
         if logprob is not None:
             seq.output_logprobs.append(TokenLogprob(token_id, logprob[0], logprob[1]))

@@ -1,7 +1,7 @@
 """Batched sampling with per-request generators.
 
 All logits processing is vectorized over the batch. The random draw is the
-exponential-race form of categorical sampling (``argmax(p / E)``, ``E ~ Exp(1)``),
+exponential-race form of categorical sampling (``argmax(p / E)``, ``E = -log U ~ Exp(1)``),
 with each row's noise drawn from that request's own ``torch.Generator``. A row's
 token therefore depends only on its own logits and its own seed, never on what
 else shares the batch.
@@ -73,10 +73,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in row_params):
             scaled = _filter_top_k_top_p_min_p(scaled, row_params)
         probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs)
+        uniform = torch.empty_like(probs)
         for position, row in enumerate(random_rows):
-            noise[position].exponential_(generator=generators[row])
-        chosen = chosen.index_copy(0, row_index, (probs / noise).argmax(dim=-1))
+            torch.rand(probs.shape[-1], generator=generators[row], out=uniform[position])
+        exponential = uniform.log_().neg_()  # -log(U) ~ Exp(1); much faster than exponential_ per row
+        chosen = chosen.index_copy(0, row_index, (probs / exponential).argmax(dim=-1))
 
     token_ids = chosen.tolist()
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * batch_size

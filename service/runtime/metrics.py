@@ -7,9 +7,22 @@ end-to-end latency (diffusion at many steps on a CPU is slow).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition_registry() -> CollectorRegistry:
+    """What /metrics serves: with the engine core in its own process, metrics are shared through
+    prometheus-client's multiprocess files (the env var must be set before the first import)."""
+    if os.environ.get(MULTIPROCESS_DIR_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    return REGISTRY
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -38,12 +51,14 @@ DENOISE_STEP = Histogram(
     ["paradigm", "model"], buckets=_STEP_BUCKETS, registry=REGISTRY)
 
 REQUESTS_RUNNING = Gauge(
-    "genserve_requests_running", "Requests in the running batch", ["paradigm", "model"], registry=REGISTRY)
+    "genserve_requests_running", "Requests in the running batch", ["paradigm", "model"], registry=REGISTRY,
+    multiprocess_mode="livesum")
 REQUESTS_WAITING = Gauge(
-    "genserve_requests_waiting", "Requests waiting to be scheduled", ["paradigm", "model"], registry=REGISTRY)
+    "genserve_requests_waiting", "Requests waiting to be scheduled", ["paradigm", "model"], registry=REGISTRY,
+    multiprocess_mode="livesum")
 KV_CACHE_USAGE = Gauge(
     "genserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", ["paradigm", "model"],
-    registry=REGISTRY)
+    registry=REGISTRY, multiprocess_mode="livesum")
 
 REQUESTS_TOTAL = Counter(
     "genserve_requests", "Finished requests", ["paradigm", "model", "outcome"], registry=REGISTRY)
@@ -78,3 +93,5 @@ def register_engine_labels(paradigm: str, model: str, per_engine: tuple[object, 
 AR_ENGINE_METRICS = (QUEUE_WAIT, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, BATCH_SIZE, REQUESTS_RUNNING,
                      REQUESTS_WAITING, KV_CACHE_USAGE, PROMPT_TOKENS, GENERATED_TOKENS, PREFIX_CACHE_HIT_TOKENS,
                      PREEMPTIONS)
+DIFFUSION_ENGINE_METRICS = (QUEUE_WAIT, BATCH_SIZE, DENOISE_STEP, REQUESTS_RUNNING, REQUESTS_WAITING, DENOISE_STEPS,
+                            IMAGES)

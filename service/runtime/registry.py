@@ -61,7 +61,17 @@ def build_engine(name: str, path: Path, settings: Settings, worker: DeviceWorker
             enable_prefix_caching=settings.enable_prefix_caching, max_model_len=settings.max_model_len,
         )
         return AREngine(name, loaded, config, device, dtype, wake=worker.wake)
-    raise ValueError(f"{path}: the diffusion engine is not available in this build")
+    if paradigm == DIFFUSION:
+        from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+        from service.diffusion.pipelines import load_diffusion_pipeline
+
+        pipeline = load_diffusion_pipeline(path, device, dtype)
+        diffusion_config = DiffusionEngineConfig(
+            max_batch_size=settings.diffusion_max_batch_size, max_queue=settings.max_queue,
+            max_image_side=settings.max_image_side, preview_max_side=settings.preview_max_side,
+        )
+        return DiffusionEngine(name, pipeline, diffusion_config, device, dtype, wake=worker.wake)
+    raise ValueError(f"{path}: paradigm {paradigm!r} is not served")
 
 
 @dataclass
@@ -85,30 +95,33 @@ class ModelRegistry:
             logger.info(json.dumps({"event": "model_loaded", "model": name, "paradigm": engine.paradigm,
                                     "path": str(path), "load_s": round(time.perf_counter() - started, 3)}))
 
-    def resolve(self, model: object, paradigm: object) -> StepEngine:
-        """Pick the engine for a request. Raises ``UnknownModel`` (404) or ``RequestRejected`` (422)."""
-        if model is not None and not isinstance(model, str):
-            raise RequestRejected("'model' must be a string", status_code=422, error_type="validation_error")
-        if paradigm is not None and paradigm not in PARADIGMS:
-            raise RequestRejected(f"'paradigm' must be one of {list(PARADIGMS)}", status_code=422,
-                                  error_type="validation_error")
-        if model is not None:
-            loaded = self.models.get(model)
-            if loaded is None:
-                raise UnknownModel(f"model {model!r} is not loaded; available: {sorted(self.models)}")
-            if paradigm is not None and loaded.engine.paradigm != paradigm:
-                raise RequestRejected(
-                    f"model {model!r} is {loaded.engine.paradigm}, but the request says paradigm {paradigm!r}",
-                    status_code=422, error_type="validation_error")
-            return loaded.engine
-        candidates = [m.engine for m in self.models.values() if paradigm in (None, m.engine.paradigm)]
-        if paradigm is None and len({engine.paradigm for engine in candidates}) > 1:
-            raise RequestRejected("give 'model' or 'paradigm': several paradigms are served", status_code=422,
-                                  error_type="validation_error")
-        if not candidates:
-            raise UnknownModel(f"no {paradigm or ''} model is loaded".replace("  ", " "))
-        return candidates[0]
-
     def describe(self) -> list[dict[str, object]]:
         return [{"name": m.name, "paradigm": m.engine.paradigm, "path": str(m.path)}
                 for m in self.models.values()]
+
+
+def resolve_model(paradigms: dict[str, str], model: object, paradigm: object) -> str:
+    """Pick the model that serves a request, from ``{name: paradigm}``.
+
+    Raises ``UnknownModel`` (404) or ``RequestRejected`` (422).
+    """
+    if model is not None and not isinstance(model, str):
+        raise RequestRejected("'model' must be a string", status_code=422, error_type="validation_error")
+    if paradigm is not None and paradigm not in PARADIGMS:
+        raise RequestRejected(f"'paradigm' must be one of {list(PARADIGMS)}", status_code=422,
+                              error_type="validation_error")
+    if model is not None:
+        if model not in paradigms:
+            raise UnknownModel(f"model {model!r} is not loaded; available: {sorted(paradigms)}")
+        if paradigm is not None and paradigms[model] != paradigm:
+            raise RequestRejected(
+                f"model {model!r} is {paradigms[model]}, but the request says paradigm {paradigm!r}",
+                status_code=422, error_type="validation_error")
+        return model
+    candidates = [name for name, kind in paradigms.items() if paradigm in (None, kind)]
+    if paradigm is None and len({paradigms[name] for name in candidates}) > 1:
+        raise RequestRejected("give 'model' or 'paradigm': several paradigms are served", status_code=422,
+                              error_type="validation_error")
+    if not candidates:
+        raise UnknownModel(f"no {paradigm} model is loaded" if paradigm else "no model is loaded")
+    return candidates[0]

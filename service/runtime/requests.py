@@ -1,24 +1,26 @@
-"""The bridge between the engines' step thread and the asyncio HTTP side.
+"""What an engine hands back for each request, and where its events go.
 
 An engine returns a :class:`RequestHandle` from ``add_request``. After each step
-it hands every event it produced to :func:`deliver`, which crosses into the event
-loop with one ``call_soon_threadsafe`` per step (not one per token). The route
-reads ``handle.next_event()``; if its client goes away it calls ``handle.cancel()``
-and the engine drops the request at its next step.
+it passes every event it produced to :func:`deliver`, which groups them by the
+handles' sinks: one call per sink per step, never one per token.
+
+- :class:`LocalSink` keeps events on the handle, for code that steps the engine
+  itself (tests, warm-up, the raw benchmark).
+- The engine-core process uses a sink that sends a step's events over a pipe to
+  the HTTP process (``runtime/engine_core.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import itertools
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-EventKind = Literal["token", "progress", "done", "error"]
+EventKind = Literal["token", "progress", "done", "error", "disconnect"]
 
 
 class QueueFull(Exception):
@@ -51,33 +53,39 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}{next(_request_counter):x}"
 
 
-@dataclass
+class EventSink(Protocol):
+    def put_many(self, items: list[tuple[RequestHandle, EngineEvent]]) -> None: ...
+
+
+class LocalSink:
+    """Events stay on the handle until ``handle.pending_events()`` reads them."""
+
+    def put_many(self, items: list[tuple[RequestHandle, EngineEvent]]) -> None:
+        for handle, event in items:
+            handle.local_events.append(event)
+
+
+LOCAL_SINK = LocalSink()
+
+
+@dataclass(eq=False)
 class RequestHandle:
     request_id: str
     model: str
     paradigm: str
-    loop: asyncio.AbstractEventLoop | None  # None: synchronous use in the engine's own thread
     abort: Callable[[str], None]
+    sink: EventSink = LOCAL_SINK
     arrival_time: float = field(default_factory=time.perf_counter)
-    _queue: asyncio.Queue[EngineEvent] = field(default_factory=asyncio.Queue)
+    local_events: collections.deque[EngineEvent] = field(default_factory=collections.deque)
     finished: bool = False
     cancelled: bool = False
 
-    async def next_event(self) -> EngineEvent:
-        event = await self._queue.get()
-        if event.is_final:
-            self.finished = True
-        return event
-
     def pending_events(self) -> list[EngineEvent]:
-        """Events already delivered and not yet read, without waiting."""
-        events: list[EngineEvent] = []
-        while not self._queue.empty():
-            event = self._queue.get_nowait()
-            events.append(event)
-            if event.is_final:
-                self.finished = True
-                break
+        """Events delivered to a LocalSink and not yet read."""
+        events = list(self.local_events)
+        self.local_events.clear()
+        if any(event.is_final for event in events):
+            self.finished = True
         return events
 
     def cancel(self) -> None:
@@ -87,18 +95,10 @@ class RequestHandle:
             self.abort(self.request_id)
 
 
-def _put_all(items: list[tuple[RequestHandle, EngineEvent]]) -> None:
-    for handle, event in items:
-        handle._queue.put_nowait(event)
-
-
 def deliver(items: list[tuple[RequestHandle, EngineEvent]]) -> None:
-    """Called from the engine thread: enqueue events in each handle's event loop."""
-    by_loop: dict[asyncio.AbstractEventLoop | None, list[tuple[RequestHandle, EngineEvent]]] = defaultdict(list)
+    """Called by an engine once per step with everything it produced."""
+    by_sink: dict[int, tuple[EventSink, list[tuple[RequestHandle, EngineEvent]]]] = {}
     for handle, event in items:
-        by_loop[handle.loop].append((handle, event))
-    for loop, loop_items in by_loop.items():
-        if loop is None:
-            _put_all(loop_items)
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(_put_all, loop_items)
+        by_sink.setdefault(id(handle.sink), (handle.sink, []))[1].append((handle, event))
+    for sink, sink_items in by_sink.values():
+        sink.put_many(sink_items)
