@@ -1,7 +1,7 @@
 """The autoregressive engine: one ``step()`` = schedule -> forward -> sample -> detokenize -> emit.
 
-``add_request`` and ``abort`` are called from the HTTP thread and only touch
-thread-safe intake queues; everything else runs in the device worker's thread.
+``add_request`` and ``abort`` only append to intake queues; the next ``step()``
+takes them in. The device loop calls all three from one thread.
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +45,7 @@ class AREngine:
     paradigm = PARADIGM
 
     def __init__(self, name: str, loaded: LoadedCausalLM, config: AREngineConfig, device: torch.device,
-                 dtype: torch.dtype, wake: Callable[[], None] = lambda: None) -> None:
+                 dtype: torch.dtype) -> None:
         self.name = name
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -59,12 +57,10 @@ class AREngine:
         self.scheduler = Scheduler(self.kv_cache, config.max_batch_size,
                                    max(config.max_num_batched_tokens, config.max_batch_size))
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, device, dtype)
-        self._wake = wake
         self._intake: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
         self._sequences: dict[str, Sequence] = {}  # owned by the step thread
-        self._num_queued = 0  # intake + waiting, read by the HTTP thread for admission
-        self._lock = threading.Lock()
+        self._num_queued = 0  # intake + waiting, for admission
         self._labels = (PARADIGM, name)
         metrics.register_engine_labels(PARADIGM, name, metrics.AR_ENGINE_METRICS)
         self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*self._labels)
@@ -80,10 +76,9 @@ class AREngine:
                     request_id: str | None = None) -> RequestHandle:
         """Queue a request. Raises ``QueueFull`` or ``RequestRejected``; never blocks on the model."""
         self._validate(prompt_token_ids, params)
-        with self._lock:
-            if self._num_queued >= self.config.max_queue:
-                raise QueueFull(f"{self.name}: {self._num_queued} requests already waiting")
-            self._num_queued += 1
+        if self._num_queued >= self.config.max_queue:
+            raise QueueFull(f"{self.name}: {self._num_queued} requests already waiting")
+        self._num_queued += 1
         handle = RequestHandle(request_id or new_request_id("gen"), self.name, PARADIGM, self.abort,
                                sink or LOCAL_SINK)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -97,7 +92,6 @@ class AREngine:
         )
         self._intake.append(seq)
         metrics.REQUESTS_WAITING.labels(*self._labels).inc()
-        self._wake()
         return handle
 
     def warmup_request(self) -> RequestHandle:
@@ -124,7 +118,6 @@ class AREngine:
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
-        self._wake()
 
     @property
     def num_waiting(self) -> int:
@@ -152,8 +145,7 @@ class AREngine:
         for seq, _ in batch.entries:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-                with self._lock:
-                    self._num_queued -= 1
+                self._num_queued -= 1
                 metrics.REQUESTS_WAITING.labels(*self._labels).dec()
                 metrics.QUEUE_WAIT.labels(*self._labels).observe(now - seq.arrival_time)
         metrics.BATCH_SIZE.labels(*self._labels).observe(len(batch.entries))
@@ -233,8 +225,7 @@ class AREngine:
 
     def _finish(self, seq: Sequence, reason: str, events: list[tuple[RequestHandle, EngineEvent]]) -> None:
         if seq.status is SequenceStatus.WAITING and seq.first_scheduled_time is None:
-            with self._lock:
-                self._num_queued -= 1
+            self._num_queued -= 1
             metrics.REQUESTS_WAITING.labels(*self._labels).dec()
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -11,8 +11,8 @@ their own interpreter and talk over two pipes:
                         ("admitted", request_id) | ("rejected", request_id, status, type, message)
                         ("events", [(request_id, kind, data), ...])      one message per engine step
 
-A listener thread admits requests (tokenize, validate, queue) and forwards aborts;
-the device worker thread runs the steps. Payloads are validated request bodies
+One thread does everything: between step cycles it admits new requests
+(tokenize, validate, queue) and applies aborts, then runs the engines' steps. Payloads are validated request bodies
 (plain dicts), so the pipe carries no tensors.
 """
 
@@ -50,30 +50,45 @@ class PipeSink:
         self.send(("events", [(handle.request_id, event.kind, event.data) for handle, event in items]))
 
 
-def _listen(commands: Connection, registry: ModelRegistry, settings: Settings, sink: PipeSink,
-            worker: DeviceWorker) -> None:
-    while True:
+class CommandReader:
+    """Reads the front end's commands; runs in the device loop's own thread, between cycles."""
+
+    def __init__(self, commands: Connection, registry: ModelRegistry, settings: Settings, sink: PipeSink,
+                 worker: DeviceWorker) -> None:
+        self._commands = commands
+        self._registry = registry
+        self._settings = settings
+        self._sink = sink
+        self._worker = worker
+
+    def __call__(self, timeout: float) -> None:
         try:
-            message = commands.recv()
+            while self._commands.poll(timeout):
+                timeout = 0.0
+                self._handle(self._commands.recv())
         except (EOFError, OSError):
-            message = ("shutdown",)  # the front end is gone
+            self._worker.stop()  # the front end is gone
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
         if message[0] == "shutdown":
-            worker.stop()
-            os._exit(0)
-        if message[0] == "abort":
+            self._worker.stop()
+        elif message[0] == "abort":
             _, model, request_id = message
-            if model in registry.models:
-                registry.models[model].engine.abort(request_id)
-            continue
-        _, request_id, model, payload = message
+            if model in self._registry.models:
+                self._registry.models[model].engine.abort(request_id)
+        else:
+            self._admit(*message[1:])
+
+    def _admit(self, request_id: str, model: str, payload: dict[str, Any]) -> None:
+        sink = self._sink
         try:
-            engine = registry.models[model].engine
-            submit_to_engine(engine, payload, settings, sink, request_id)
+            engine = self._registry.models[model].engine
+            submit_to_engine(engine, payload, self._settings, sink, request_id)
         except QueueFull as error:
             sink.send(("rejected", request_id, 503, "overloaded", f"queue is full ({error}); retry later"))
         except RequestRejected as error:
             sink.send(("rejected", request_id, error.status_code, error.error_type, str(error)))
-        except Exception as error:  # never let one request kill the listener
+        except Exception as error:  # never let one request stop the loop
             logger.exception("admission of %s failed", request_id)
             sink.send(("rejected", request_id, 500, "internal_error", f"{type(error).__name__}: {error}"))
         else:
@@ -103,8 +118,7 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
         sink.send(("load_error", f"{type(error).__name__}: {error}"))
         commands.recv()  # wait for the front end to shut us down
         return
-    worker.start()
     sink.send(("ready", registry.describe()))
     logger.info(json.dumps({"event": "engine_core_ready", "models": list(registry.models),
                             "pid": os.getpid()}))
-    _listen(commands, registry, settings, sink, worker)
+    worker.run(CommandReader(commands, registry, settings, sink, worker))

@@ -60,7 +60,7 @@ def build_engine(name: str, path: Path, settings: Settings, worker: DeviceWorker
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enable_prefix_caching=settings.enable_prefix_caching, max_model_len=settings.max_model_len,
         )
-        return AREngine(name, loaded, config, device, dtype, wake=worker.wake)
+        return AREngine(name, loaded, config, device, dtype)
     if paradigm == DIFFUSION:
         from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
         from service.diffusion.pipelines import load_diffusion_pipeline
@@ -70,7 +70,7 @@ def build_engine(name: str, path: Path, settings: Settings, worker: DeviceWorker
             max_batch_size=settings.diffusion_max_batch_size, max_queue=settings.max_queue,
             max_image_side=settings.max_image_side, preview_max_side=settings.preview_max_side,
         )
-        return DiffusionEngine(name, pipeline, diffusion_config, device, dtype, wake=worker.wake)
+        return DiffusionEngine(name, pipeline, diffusion_config, device, dtype)
     raise ValueError(f"{path}: paradigm {paradigm!r} is not served")
 
 

@@ -1,4 +1,4 @@
-"""One thread per device that runs every engine's steps, interleaved.
+"""The loop that owns the device: runs every engine's steps, interleaved, and reads new commands.
 
 Fairness policy (round robin by step): in each cycle, every engine that has
 work runs exactly one step, in a fixed order. An AR decode step is short and a
@@ -6,13 +6,17 @@ diffusion step is long, so while both paradigms are busy an AR request waits at
 most one step of each other engine between its tokens: its inter-token latency
 grows by about one diffusion step, and neither paradigm can starve the other.
 Engines never run concurrently on the device, so their steps never race.
+
+New requests and aborts are read between cycles, in the same thread. A second
+thread reading them would have to win the GIL from the step loop for every
+request, which under load took it tens of milliseconds per admission.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 logger = logging.getLogger(__name__)
@@ -30,52 +34,43 @@ class StepEngine(Protocol):
 
 
 class DeviceWorker:
-    def __init__(self, name: str = "device-worker") -> None:
+    def __init__(self) -> None:
         self.engines: list[StepEngine] = []
-        self._wake_event = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stopping = False
         self.steps_run: dict[str, int] = {}
         self.busy_seconds: dict[str, float] = {}
-
-    def wake(self) -> None:
-        self._wake_event.set()
 
     def add_engine(self, engine: StepEngine) -> None:
         self.engines.append(engine)
         self.steps_run[engine.name] = 0
         self.busy_seconds[engine.name] = 0.0
 
-    def start(self) -> None:
-        self._thread.start()
+    def stop(self) -> None:
+        self._stopping = True
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake_event.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake_event.clear()
-            ran_any = False
-            for engine in self.engines:
-                if self._stop.is_set():
-                    break
-                if not engine.has_work():
-                    continue
-                ran_any = True
-                started = time.perf_counter()
+    def run_cycle(self) -> bool:
+        """One step of every engine that has work. Returns whether any ran."""
+        ran_any = False
+        for engine in self.engines:
+            if not engine.has_work():
+                continue
+            ran_any = True
+            started = time.perf_counter()
+            try:
+                engine.step()
+            except Exception as error:  # a bad step must not kill the loop
+                logger.exception("engine %s step failed", engine.name)
                 try:
-                    engine.step()
-                except Exception as error:  # a bad step must not kill the worker
-                    logger.exception("engine %s step failed", engine.name)
                     engine.fail_all(error)
-                self.steps_run[engine.name] += 1
-                self.busy_seconds[engine.name] += time.perf_counter() - started
-            if not ran_any:
-                self._wake_event.wait(timeout=0.5)
+                except Exception:
+                    logger.exception("engine %s could not fail its requests", engine.name)
+            self.steps_run[engine.name] += 1
+            self.busy_seconds[engine.name] += time.perf_counter() - started
+        return ran_any
+
+    def run(self, read_commands: Callable[[float], None], idle_wait_s: float = 0.5) -> None:
+        """Loop until ``stop()``. ``read_commands(timeout)`` handles what arrived, waiting up to ``timeout``."""
+        while not self._stopping:
+            read_commands(0.0)
+            if not self._stopping and not self.run_cycle():
+                read_commands(idle_wait_s)
