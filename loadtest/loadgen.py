@@ -21,12 +21,12 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from loadtest.http_stream import HttpConnection, StreamedResponse, iter_sse_events
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 
 ApiKind = Literal["genserve", "openai"]
 PROMPT_FILLER_WORDS = (
@@ -146,8 +146,8 @@ class RequestSpec:
     seed: int | None
 
     def endpoint(self) -> str:
-        base = self.url.rstrip("/")
-        return f"{base}/generate" if self.api == "genserve" else f"{base}/v1/chat/completions"
+        """The request path; the host and port come from `url`."""
+        return "/generate" if self.api == "genserve" else "/v1/chat/completions"
 
     def body(self, request_index: int) -> dict[str, Any]:
         prompt = build_prompt(request_index, self.prompt_len)
@@ -167,25 +167,6 @@ class RequestSpec:
         if self.seed is not None:
             body["seed"] = self.seed + request_index
         return body
-
-
-async def iter_sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """Yield (event name, data) pairs of a server-sent-event stream; the name defaults to 'message'."""
-    event_name = "message"
-    data_lines: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data_lines:
-                yield event_name, "\n".join(data_lines)
-            event_name, data_lines = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event_name = line[len("event:") :].strip()
-        elif line.startswith("data:"):
-            data_lines.append(line[len("data:") :].removeprefix(" "))
-    if data_lines:
-        yield event_name, "\n".join(data_lines)
 
 
 def tokens_in_event(payload: dict[str, Any], default: int) -> int:
@@ -242,8 +223,8 @@ def record_openai_chunk(record: StreamRecord, payload: dict[str, Any]) -> None:
             record.event_token_counts.append(tokens_in_event(delta, default=1))
 
 
-async def read_stream(response: httpx.Response, api: ApiKind, record: StreamRecord) -> None:
-    async for event_name, data in iter_sse_events(response):
+async def read_stream(response: StreamedResponse, api: ApiKind, record: StreamRecord) -> None:
+    async for event_name, data in iter_sse_events(response.body):
         if api == "openai" and data.strip() == "[DONE]":
             return
         try:
@@ -260,22 +241,25 @@ async def read_stream(response: httpx.Response, api: ApiKind, record: StreamReco
                 return
 
 
-async def send_one(client: httpx.AsyncClient, spec: RequestSpec, request_index: int) -> StreamRecord:
+async def send_one(connection: HttpConnection, spec: RequestSpec, request_index: int) -> StreamRecord:
     """Send one streamed request and time it; never raises."""
     record = StreamRecord(send_time=time.perf_counter())
     try:
-        async with client.stream("POST", spec.endpoint(), json=spec.body(request_index)) as response:
-            if response.status_code != 200:
-                body = (await response.aread()).decode("utf-8", "replace")
-                try:
-                    detail = describe_error(json.loads(body))
-                except json.JSONDecodeError:
-                    detail = body[:300]
-                record.error = f"HTTP {response.status_code}: {detail}"
-            else:
-                await read_stream(response, spec.api, record)
-    except (httpx.HTTPError, OSError) as exc:
+        response = await connection.post(spec.endpoint(), json.dumps(spec.body(request_index)).encode())
+        if response.status != 200:
+            body = b"".join([chunk async for chunk in response.body]).decode("utf-8", "replace")
+            try:
+                detail = describe_error(json.loads(body))
+            except json.JSONDecodeError:
+                detail = body[:300]
+            record.error = f"HTTP {response.status}: {detail}"
+        else:
+            await read_stream(response, spec.api, record)
+            async for _ in response.body:  # read to the end so the connection can be reused
+                pass
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
+        await connection.close()
     record.end_time = time.perf_counter()
     if record.error is None and record.completion_tokens == 0:
         record.error = "stream ended without tokens"
@@ -285,7 +269,7 @@ async def send_one(client: httpx.AsyncClient, spec: RequestSpec, request_index: 
 async def run_closed_loop(
     spec: RequestSpec, concurrency: int, num_requests: int, timeout_s: float, first_index: int = 0
 ) -> list[StreamRecord]:
-    """Run `num_requests` requests through `concurrency` workers, each on its own connection.
+    """Run `num_requests` requests through `concurrency` workers, each on its own keep-alive connection.
 
     Requests are numbered from `first_index`; the number makes each prompt unique.
     """
@@ -295,12 +279,14 @@ async def run_closed_loop(
 
     async def worker() -> None:
         nonlocal next_index
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        connection = HttpConnection(spec.url, timeout_s)
+        try:
             while next_index < end_index:
                 request_index = next_index
                 next_index += 1
-                records.append(await send_one(client, spec, request_index))
+                records.append(await send_one(connection, spec, request_index))
+        finally:
+            await connection.close()
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
     return records
