@@ -61,6 +61,7 @@ class Scenario:
     threads: int
     repeats: int
     startup_timeout_s: float
+    device: str = "cpu"
 
     def plan(self) -> list[ImageRequest]:
         return request_plan(self.requests, self.min_steps, self.max_steps, self.seed)
@@ -103,7 +104,7 @@ def server_environment(scenario: Scenario) -> dict[str, str]:
 def bench_serial(scenario: Scenario) -> dict[str, Any]:
     port = find_free_port()
     command = [sys.executable, "-m", "loadtest.diffusers_serve", "--model-path", str(scenario.model_path.resolve()),
-               "--port", str(port), "--threads", str(scenario.threads)]
+               "--port", str(port), "--threads", str(scenario.threads), "--device", scenario.device]
     with managed_server(command, "/ready", port, MODEL_NAME, scenario.startup_timeout_s,
                         LOG_DIR / "diffusers-serial.log", server_environment(scenario)) as server:
         result = asyncio.run(run_image_load(
@@ -114,7 +115,7 @@ def bench_serial(scenario: Scenario) -> dict[str, Any]:
 
 def genserve_command(scenario: Scenario, port: int) -> list[str]:
     command = [sys.executable, "-m", "service", "--model", f"{MODEL_NAME}={scenario.model_path.resolve()}",
-               "--port", str(port), "--device", "cpu", "--diffusion-max-batch-size", str(scenario.concurrency),
+               "--port", str(port), "--device", scenario.device, "--diffusion-max-batch-size", str(scenario.concurrency),
                "--max-denoise-steps", str(scenario.max_steps), "--log-level", "warning"]
     if scenario.threads:
         command += ["--cpu-threads", str(scenario.threads)]
@@ -141,7 +142,7 @@ def load_pipeline(scenario: Scenario) -> Any:
 
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
-    return load_diffusion_pipeline(scenario.model_path, torch.device("cpu"), torch.float32)
+    return load_diffusion_pipeline(scenario.model_path, torch.device(scenario.device), torch.float32)
 
 
 def bench_raw(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, Any]:
@@ -154,16 +155,17 @@ def bench_raw(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, Any
 
     def new_row(index: int) -> tuple[Any, torch.Tensor, int]:
         request = plan[index % len(plan)]  # cycle through the plan so the batch never runs short
-        generator = torch.Generator().manual_seed(request.seed)
+        generator = torch.Generator(device=scenario.device).manual_seed(request.seed)
         state = schedule.new_state("ddpm", request.steps, generator=generator)
-        return state, schedule.initial_noise((1, 1, 16, 16), state), class_of[request.prompt]
+        return state, schedule.initial_noise((1, 1, 16, 16), state, device=torch.device(scenario.device)), \
+            class_of[request.prompt]
 
     def run(forwards: int) -> float:
         rows = [new_row(i) for i in range(batch_size)]
         next_index = batch_size
         states = [row[0] for row in rows]
         sample = torch.cat([row[1] for row in rows])
-        labels = torch.tensor([row[2] for row in rows])
+        labels = torch.tensor([row[2] for row in rows], device=scenario.device)
         started = time.perf_counter()
         with torch.inference_mode():
             for _ in range(forwards):
@@ -193,7 +195,7 @@ def bench_engine(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, 
     from service.diffusion.request import ImageParams
 
     engine = DiffusionEngine(MODEL_NAME, pipeline, DiffusionEngineConfig(max_batch_size=scenario.concurrency),
-                             torch.device("cpu"), torch.float32)
+                             torch.device(scenario.device), torch.float32)
 
     def run(plan: list[ImageRequest]) -> tuple[float, list[float], int]:
         pending = list(reversed(plan))
@@ -296,7 +298,7 @@ def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 def environment_description(scenario: Scenario) -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": scenario.threads or torch.get_num_threads(),
-            "device": "cpu"}
+            "device": scenario.device}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path]:
@@ -314,6 +316,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     parser.add_argument("--repeats", type=int, default=3, help="runs of raw/engine/served, taking turns; median")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for every system")
     args = parser.parse_args(argv)
     systems = [system.strip() for system in args.systems.split(",") if system.strip()]
     unknown = sorted(set(systems) - set(SYSTEMS))
@@ -322,7 +325,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     scenario = Scenario(model_path=args.model_path, concurrency=args.concurrency, requests=args.requests,
                         min_steps=args.min_steps, max_steps=args.max_steps, seed=args.seed,
                         warmup_requests=args.warmup, serial_warmup_requests=args.serial_warmup,
-                        threads=args.threads, repeats=max(1, args.repeats), startup_timeout_s=args.startup_timeout)
+                        threads=args.threads, repeats=max(1, args.repeats), startup_timeout_s=args.startup_timeout,
+                        device=args.device)
     return scenario, systems, args.json_out
 
 

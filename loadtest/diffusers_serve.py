@@ -48,10 +48,10 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         return self.numpy_to_pil(image)
 
 
-def create_app(model_path: Path) -> Any:
+def create_app(model_path: Path, device: str = "cpu") -> Any:
     from fastapi import FastAPI
 
-    unet = UNet2DModel.from_pretrained(model_path / "unet").eval()
+    unet = UNet2DModel.from_pretrained(model_path / "unet").eval().to(device)
     scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
     pipeline = ClassConditionalDDPMPipeline(unet, scheduler)
     pipeline.set_progress_bar_config(disable=True)
@@ -69,7 +69,7 @@ def create_app(model_path: Path) -> Any:
         arrival = time.perf_counter()
         with lock:
             started = time.perf_counter()
-            generator = torch.Generator().manual_seed(int(body["seed"]))
+            generator = torch.Generator(device=device).manual_seed(int(body["seed"]))
             image = pipeline(class_of[body["prompt"]], int(body["steps"]), generator)[0]
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
@@ -87,12 +87,13 @@ def main() -> None:
     parser.add_argument("--model-path", type=Path, required=True)
     parser.add_argument("--port", type=int, default=8010)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = library default)")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import uvicorn
 
-    uvicorn.run(create_app(args.model_path), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create_app(args.model_path, args.device), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU pass, run on a lent CUDA machine from the repo root (wheels for what it lacks in .whl/):
+# CUDA tests, the HTTP tests with the server on CUDA, then the AR, diffusion and mixed benchmarks on CUDA.
+# Results land in $OUT (or /tmp/gpu-out).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
+step() { echo "== $1"; shift; "$@" 2>&1 | tee "$OUT/$LOG" | tail -"$TAIL"; }
+LOG=pytest_all.log TAIL=6 step "all tests (servers use --device auto = cuda)" \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests
+python3 -m loadtest.make_bench_model > /dev/null 2>&1
+LOG=bench_ar.log TAIL=12 step "AR benchmark on cuda" \
+  timeout 150 python3 -m loadtest.bench_ar --systems genserve,raw --device cuda --threads 0 --requests 320 \
+  --repeats 2 --json-out "$OUT/bench_ar_cuda.json"
+LOG=bench_diffusion.log TAIL=14 step "diffusion benchmark on cuda" \
+  timeout 200 python3 -m loadtest.bench_diffusion --device cuda --threads 0 --repeats 2 \
+  --json-out "$OUT/bench_diffusion_cuda.json"
+LOG=bench_mixed.log TAIL=8 step "AR latency beside a diffusion batch, cuda" \
+  timeout 120 python3 -m loadtest.bench_mixed --device cuda --json-out "$OUT/bench_mixed_cuda.json"
