@@ -169,7 +169,7 @@ def bench_raw(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, Any
         started = time.perf_counter()
         with torch.inference_mode():
             for _ in range(forwards):
-                batch_rows = schedule.gather_rows(states)
+                batch_rows = schedule.gather_rows(states, device=torch.device(scenario.device))
                 output = pipeline.predict(sample, batch_rows.timestep, labels)
                 sample = schedule.step_rows(output, sample, batch_rows)
                 schedule.advance(states)

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 step() { echo "== $1"; shift; "$@" 2>&1 | tee "$OUT/$LOG" | tail -"$TAIL"; }
 LOG=pytest_all.log TAIL=6 step "all tests (servers use --device auto = cuda)" \
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests}
 python3 -m loadtest.make_bench_model > /dev/null 2>&1
 LOG=bench_ar.log TAIL=12 step "AR benchmark on cuda" \
   timeout 150 python3 -m loadtest.bench_ar --systems genserve,raw --device cuda --threads 0 --requests 320 \

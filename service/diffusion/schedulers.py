@@ -259,9 +259,12 @@ def _as_column(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | No
 def _draw_row_noise(
     row_shape: Sequence[int], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    # Same draw as diffusers' randn_tensor for one request: on the generator's device, then moved.
+    # Same draw as diffusers' randn_tensor for one float32 request: on the generator's device, then moved.
+    # Always drawn in float32, so a seed gives the same noise whatever the sample's dtype and torch version
+    # (half-precision randn streams differ between releases).
     draw_device = generator.device if generator is not None else device
-    return torch.randn(tuple(row_shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+    noise = torch.randn(tuple(row_shape), generator=generator, device=draw_device, dtype=torch.float32)
+    return noise.to(device=device, dtype=dtype)
 
 
 class NoiseSchedule:
