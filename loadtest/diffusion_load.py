@@ -20,7 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
+from loadtest.http_stream import HttpConnection
+
 
 DIGIT_LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MAX_ERROR_SAMPLES = 5
@@ -106,18 +107,19 @@ def summarize(label: str, concurrency: int, records: list[ImageRecord], wall_s: 
     )
 
 
-async def send_one(client: httpx.AsyncClient, request: ImageRequest, model: str | None) -> ImageRecord:
+async def send_one(connection: HttpConnection, request: ImageRequest, model: str | None) -> ImageRecord:
     record = ImageRecord(steps=request.steps, send_time=time.perf_counter())
     try:
-        response = await client.post("/generate", json=request.body(model))
-        payload = response.json()
-        if response.status_code != 200:
-            record.error = f"HTTP {response.status_code}: {json.dumps(payload)[:200]}"
+        response = await connection.post("/generate", json.dumps(request.body(model)).encode())
+        payload = json.loads(b"".join([chunk async for chunk in response.body]))
+        if response.status != 200:
+            record.error = f"HTTP {response.status}: {json.dumps(payload)[:200]}"
         else:
             record.images = len(payload["images"])
             record.queue_s = payload.get("timings", {}).get("queue_s")
-    except (httpx.HTTPError, ValueError, KeyError) as error:
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, KeyError) as error:
         record.error = f"{type(error).__name__}: {error}"
+        await connection.close()
     record.end_time = time.perf_counter()
     return record
 
@@ -128,10 +130,12 @@ async def run_closed_loop(url: str, model: str | None, plan: list[ImageRequest],
     records: list[ImageRecord] = []
 
     async def worker() -> None:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+        connection = HttpConnection(url, timeout_s)  # one keep-alive connection per worker
+        try:
             while pending:
-                records.append(await send_one(client, pending.pop(), model))
+                records.append(await send_one(connection, pending.pop(), model))
+        finally:
+            await connection.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -59,7 +59,7 @@ class AREngine:
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, device, dtype)
         self._intake: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
-        self._sequences: dict[str, Sequence] = {}  # owned by the step thread
+        self._sequences: dict[str, Sequence] = {}
         self._num_queued = 0  # intake + waiting, for admission
         self._labels = (PARADIGM, name)
         metrics.register_engine_labels(PARADIGM, name, metrics.AR_ENGINE_METRICS)
@@ -67,7 +67,7 @@ class AREngine:
         self._itl = metrics.INTER_TOKEN_LATENCY.labels(*self._labels)
         self._generated = metrics.GENERATED_TOKENS.labels(*self._labels)
 
-    # ---- called from the HTTP side -------------------------------------------------------------
+    # ---- admission (the device loop, between cycles) ---------------------------------------
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True).ids
@@ -123,7 +123,7 @@ class AREngine:
     def num_waiting(self) -> int:
         return self._num_queued
 
-    # ---- the step thread -----------------------------------------------------------------------
+    # ---- the step -----------------------------------------------------------------------
 
     def has_work(self) -> bool:
         return bool(self._intake or self._aborts or self.scheduler.has_work())

@@ -10,8 +10,8 @@ Every image has its own ``torch.Generator`` on the engine's device, seeded ``see
 draws its initial noise and every noise its sampler adds, so an image does not depend on what
 else is in the batch.
 
-``add_request`` and ``abort`` are called from the HTTP thread and only touch thread-safe intake
-queues; everything else runs in the device worker's thread.
+``add_request`` and ``abort`` only append to intake queues; the next ``step()`` takes them in.
+The device loop calls all three from one thread.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ class DiffusionEngine:
         self.dtype = dtype
         self._intake: collections.deque[ImageJob] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
-        # owned by the step thread
         self._waiting: collections.deque[ImageJob] = collections.deque()
         self._running: list[ImageJob] = []
         self._jobs: dict[str, ImageJob] = {}
@@ -76,7 +75,7 @@ class DiffusionEngine:
         self._labels = (PARADIGM, name)
         metrics.register_engine_labels(PARADIGM, name, metrics.DIFFUSION_ENGINE_METRICS)
 
-    # ---- called from the HTTP side -------------------------------------------------------------
+    # ---- admission (the device loop, between cycles) ---------------------------------------
 
     def add_request(self, params: ImageParams, sink: EventSink | None = None,
                     request_id: str | None = None) -> RequestHandle:
@@ -133,7 +132,7 @@ class DiffusionEngine:
                           f"{job.cost} batch rows; this server's batch holds {self.config.max_batch_size}")
         return job
 
-    # ---- the step thread -----------------------------------------------------------------------
+    # ---- the step -----------------------------------------------------------------------
 
     def has_work(self) -> bool:
         return bool(self._intake or self._aborts or self._waiting or self._running)
