@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per core, minus one for the HTTP side")
     pin_cpus: bool = Field(True, description="on a CPU device with 2+ cores, pin the engine core to all cores but "
                                              "the last and the HTTP front end to the last")
+    # Sharing one device (runtime/worker.py): steps each engine runs per round-robin cycle while busy
+    ar_steps_per_cycle: int = Field(1, ge=1, description="AR steps per device-loop cycle")
+    diffusion_steps_per_cycle: int = Field(1, ge=1, description="diffusion steps per device-loop cycle")
     # Admission and batching
     max_batch_size: int = Field(32, ge=1, description="most sequences/images in one engine step")
     max_queue: int = Field(256, ge=0, description="requests that may wait per engine before 503")

@@ -91,7 +91,9 @@ class ModelRegistry:
             started = time.perf_counter()
             engine = build_engine(name, path, settings, worker)
             self.models[name] = LoadedModel(name, path, engine, time.perf_counter() - started)
-            worker.add_engine(engine)
+            share = (settings.ar_steps_per_cycle if engine.paradigm == AUTOREGRESSIVE
+                     else settings.diffusion_steps_per_cycle)
+            worker.add_engine(engine, share)
             logger.info(json.dumps({"event": "model_loaded", "model": name, "paradigm": engine.paradigm,
                                     "path": str(path), "load_s": round(time.perf_counter() - started, 3)}))
 

@@ -1,11 +1,14 @@
 """The loop that owns the device: runs every engine's steps, interleaved, and reads new commands.
 
-Fairness policy (round robin by step): in each cycle, every engine that has
-work runs exactly one step, in a fixed order. An AR decode step is short and a
-diffusion step is long, so while both paradigms are busy an AR request waits at
-most one step of each other engine between its tokens: its inter-token latency
-grows by about one diffusion step, and neither paradigm can starve the other.
-Engines never run concurrently on the device, so their steps never race.
+Fairness policy (weighted round robin by step): in each cycle, every engine that
+has work runs its share of steps (``--ar-steps-per-cycle``,
+``--diffusion-steps-per-cycle``; 1 and 1 by default), in a fixed order. An AR
+decode step is short and a diffusion step is long, so while both paradigms are
+busy an AR request waits at most one diffusion step between two cycles: with the
+defaults its inter-token latency grows by about one diffusion step (measured:
+1.03-1.08 steps, docs/bench_mixed*.json), and neither paradigm can starve the
+other. Raising the AR share spreads that wait over more tokens. Engines never run
+concurrently on the device, so their steps never race.
 
 New requests and aborts are read between cycles, in the same thread. A second
 thread reading them would have to win the GIL from the step loop for every
@@ -36,12 +39,14 @@ class StepEngine(Protocol):
 class DeviceWorker:
     def __init__(self) -> None:
         self.engines: list[StepEngine] = []
+        self.steps_per_cycle: dict[str, int] = {}
         self._stopping = False
         self.steps_run: dict[str, int] = {}
         self.busy_seconds: dict[str, float] = {}
 
-    def add_engine(self, engine: StepEngine) -> None:
+    def add_engine(self, engine: StepEngine, steps_per_cycle: int = 1) -> None:
         self.engines.append(engine)
+        self.steps_per_cycle[engine.name] = steps_per_cycle
         self.steps_run[engine.name] = 0
         self.busy_seconds[engine.name] = 0.0
 
@@ -49,24 +54,28 @@ class DeviceWorker:
         self._stopping = True
 
     def run_cycle(self) -> bool:
-        """One step of every engine that has work. Returns whether any ran."""
+        """Each engine's share of steps, while it has work. Returns whether any ran."""
         ran_any = False
         for engine in self.engines:
-            if not engine.has_work():
-                continue
-            ran_any = True
-            started = time.perf_counter()
-            try:
-                engine.step()
-            except Exception as error:  # a bad step must not kill the loop
-                logger.exception("engine %s step failed", engine.name)
-                try:
-                    engine.fail_all(error)
-                except Exception:
-                    logger.exception("engine %s could not fail its requests", engine.name)
-            self.steps_run[engine.name] += 1
-            self.busy_seconds[engine.name] += time.perf_counter() - started
+            for _ in range(self.steps_per_cycle[engine.name]):
+                if not engine.has_work():
+                    break
+                ran_any = True
+                self._step(engine)
         return ran_any
+
+    def _step(self, engine: StepEngine) -> None:
+        started = time.perf_counter()
+        try:
+            engine.step()
+        except Exception as error:  # a bad step must not kill the loop
+            logger.exception("engine %s step failed", engine.name)
+            try:
+                engine.fail_all(error)
+            except Exception:
+                logger.exception("engine %s could not fail its requests", engine.name)
+        self.steps_run[engine.name] += 1
+        self.busy_seconds[engine.name] += time.perf_counter() - started
 
     def run(self, read_commands: Callable[[float], None], idle_wait_s: float = 0.5) -> None:
         """Loop until ``stop()``. ``read_commands(timeout)`` handles what arrived, waiting up to ``timeout``."""
