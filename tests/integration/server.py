@@ -7,8 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,3 +120,36 @@ def metric_value(samples: dict[str, float], name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
             total += value
     return total
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def check_full_queue_gets_503(server: RunningServer, long_request: dict, short_request: dict) -> None:
+    """With one batch slot and a queue of one: a long streamed request runs, a second waits,
+    a third gets 503 with Retry-After (the server runs --max-queue 1 --retry-after-s 2), and the
+    waiting one is still answered afterwards."""
+    with server.client() as http:
+        with http.stream("POST", "/generate", json={**long_request, "stream": True}) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()  # keep a reference: a collected iterator closes the stream
+            next(lines)  # occupies the only batch slot
+            waiting_result: list[int] = []
+            waiter = threading.Thread(target=lambda: waiting_result.append(
+                httpx.post(f"{server.url}/generate", json=short_request, timeout=60).status_code))
+            waiter.start()
+            assert wait_for(lambda: metric_value(metric_samples(http.get("/metrics").text),
+                                                 "genserve_requests_waiting") == 1)
+            rejected = http.post("/generate", json=long_request)
+            assert rejected.status_code == 503
+            assert rejected.headers["retry-after"] == "2"
+            assert rejected.json()["error"]["type"] == "overloaded"
+        waiter.join(60)
+        assert waiting_result == [200]
+        assert http.get("/health").status_code == 200

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +9,8 @@ import httpx
 import pytest
 
 from tests.fixtures.tiny_models import build_tiny_llama
-from tests.integration.server import (RunningServer, metric_samples, metric_value, running_server,
-                                      stream_events)
+from tests.integration.server import (RunningServer, check_full_queue_gets_503, metric_samples, metric_value,
+                                      running_server, stream_events, wait_for)
 
 AR = {"paradigm": "autoregressive"}
 
@@ -149,15 +147,6 @@ def test_unknown_route_and_method_are_json(client: httpx.Client) -> None:
     assert client.get("/nope").status_code == 404
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_client_disconnect_cancels_and_frees_blocks(client: httpx.Client) -> None:
     def samples() -> dict[str, float]:
         return metric_samples(client.get("/metrics").text)
@@ -176,7 +165,7 @@ def test_client_disconnect_cancels_and_frees_blocks(client: httpx.Client) -> Non
                 and metric_value(current, "genserve_requests_running") == 0
                 and metric_value(current, "genserve_kv_cache_usage_ratio") == 0)
 
-    assert _wait_for(both_cancelled), client.get("/metrics").text
+    assert wait_for(both_cancelled), client.get("/metrics").text
 
 
 def test_metrics_after_traffic(client: httpx.Client) -> None:
@@ -208,23 +197,4 @@ def small_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def test_full_queue_gets_503_with_retry_after(small_server: RunningServer) -> None:
-    long_request = {"prompt": "x", "max_tokens": 4000, "ignore_eos": True}
-    with small_server.client() as http:
-        with http.stream("POST", "/generate", json={**long_request, "stream": True}) as running:
-            assert running.status_code == 200
-            lines = running.iter_lines()  # keep a reference: a collected iterator closes the stream
-            next(lines)  # occupies the only batch slot
-            waiting_result: list[int] = []
-            waiter = threading.Thread(target=lambda: waiting_result.append(
-                httpx.post(f"{small_server.url}/generate", json={**long_request, "max_tokens": 3},
-                           timeout=60).status_code))
-            waiter.start()
-            assert _wait_for(lambda: metric_value(metric_samples(http.get("/metrics").text),
-                                                  "genserve_requests_waiting") == 1)
-            rejected = http.post("/generate", json=long_request)
-            assert rejected.status_code == 503
-            assert rejected.headers["retry-after"] == "2"
-            assert rejected.json()["error"]["type"] == "overloaded"
-        waiter.join(60)
-        assert waiting_result == [200]
-        assert http.get("/health").status_code == 200
+    check_full_queue_gets_503(small_server, {"prompt": "x", "max_tokens": 4000, "ignore_eos": True}, {"prompt": "x", "max_tokens": 3, "ignore_eos": True})

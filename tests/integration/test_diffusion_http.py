@@ -4,8 +4,7 @@ paths, bad inputs, overload, cancellation, metrics, and an AR model sharing the 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,8 +14,8 @@ import pytest
 from service.diffusion.images import decode_png_base64
 from tests.fixtures.tiny_diffusion import build_tiny_digits, build_tiny_stable_diffusion
 from tests.fixtures.tiny_models import build_tiny_llama
-from tests.integration.server import (RunningServer, metric_samples, metric_value, parse_sse, running_server,
-                                      stream_events)
+from tests.integration.server import (RunningServer, check_full_queue_gets_503, metric_samples, metric_value,
+                                      parse_sse, running_server, stream_events, wait_for)
 
 DIGITS = {"model": "digits"}
 MAX_STEPS = 250
@@ -123,15 +122,6 @@ def test_nan_guidance_is_rejected(client: httpx.Client) -> None:
     assert response.status_code == 422 and "guidance_scale" in response.json()["error"]["message"]
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _diffusion_samples(client: httpx.Client) -> dict[str, float]:
     return metric_samples(client.get("/metrics").text)
 
@@ -150,7 +140,7 @@ def test_client_disconnect_cancels_the_request(client: httpx.Client) -> None:
                 == cancelled_before + 1
                 and metric_value(samples, "genserve_requests_running", paradigm="diffusion") == 0)
 
-    assert _wait_for(cancelled), client.get("/metrics").text
+    assert wait_for(cancelled, timeout=20.0), client.get("/metrics").text
 
 
 def test_metrics_after_traffic(client: httpx.Client) -> None:
@@ -180,7 +170,7 @@ def test_ar_and_diffusion_share_the_device(client: httpx.Client, server: Running
 
     runner = threading.Thread(target=long_diffusion)
     runner.start()
-    assert _wait_for(lambda: len(diffusion_events) > 0 or metric_value(
+    assert wait_for(lambda: len(diffusion_events) > 0 or metric_value(
         _diffusion_samples(client), "genserve_requests_running", paradigm="diffusion") > 0)
     text = client.post("/generate", json={"model": "llama", "prompt": "def main():", "max_tokens": 8,
                                           "temperature": 0, "ignore_eos": True})
@@ -199,23 +189,4 @@ def small_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathF
 
 
 def test_full_queue_gets_503_with_retry_after(small_server: RunningServer) -> None:
-    long_request = {"prompt": "one", "steps": 1000}
-    with small_server.client() as http:
-        with http.stream("POST", "/generate", json={**long_request, "stream": True}) as running:
-            assert running.status_code == 200
-            lines = running.iter_lines()  # keep a reference: a collected iterator closes the stream
-            next(lines)  # occupies the only batch row
-            waiting_result: list[int] = []
-            waiter = threading.Thread(target=lambda: waiting_result.append(
-                httpx.post(f"{small_server.url}/generate", json={**long_request, "steps": 3},
-                           timeout=60).status_code))
-            waiter.start()
-            assert _wait_for(lambda: metric_value(metric_samples(http.get("/metrics").text),
-                                                  "genserve_requests_waiting") == 1)
-            rejected = http.post("/generate", json=long_request)
-            assert rejected.status_code == 503
-            assert rejected.headers["retry-after"] == "2"
-            assert rejected.json()["error"]["type"] == "overloaded"
-        waiter.join(60)
-        assert waiting_result == [200]
-        assert http.get("/health").status_code == 200
+    check_full_queue_gets_503(small_server, {"prompt": "one", "steps": 1000}, {"prompt": "one", "steps": 3})

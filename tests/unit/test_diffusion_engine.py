@@ -17,7 +17,7 @@ from service.diffusion.images import decode_png_base64
 from service.diffusion.pipelines import DenoisingPipeline, load_diffusion_pipeline
 from service.diffusion.request import ImageParams
 from service.runtime.requests import QueueFull, RequestHandle, RequestRejected
-from tests.fixtures.tiny_diffusion import (DIGIT_LABELS, NULL_CLASS, build_tiny_digits, build_tiny_stable_diffusion,
+from tests.fixtures.tiny_diffusion import (NULL_CLASS, build_tiny_digits, build_tiny_stable_diffusion,
                                            build_tiny_unconditional)
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
