@@ -7,11 +7,13 @@ Two kinds of folder are served; the networks are diffusers / transformers classe
   (``model_index.json``, ``unet/``, ``scheduler/``). Unconditional, or class-conditional when
   the UNet has ``num_class_embeds``. The label convention is a ``labels.json`` at the folder root::
 
-      {"labels": ["zero", "one", ..., "nine"], "null_class": 10}
+      {"labels": ["zero", "one", ..., "nine"], "null_class": 10, "prompt_templates": ["{label}", "digit {label}"]}
 
   ``labels[i]`` is the prompt that conditions on class ``i`` (matched ignoring case and
   surrounding spaces). ``null_class`` (optional) is the class the model was trained with for
   "no label": an empty prompt samples with it, and it is the unconditional half of guided rows.
+  ``prompt_templates`` (optional, default ``["{label}"]``) lists the prompt forms accepted for
+  every label: ``"digit {label}"`` makes ``"digit 7"`` (and, with ``"{label}"``, ``"7"``) class 7.
   Without ``labels.json`` the prompts are the class numbers "0", "1", ... and there is no null class.
   A label given as ``negative_prompt`` replaces the null class in the unconditional half.
 * **Stable-Diffusion-style text-to-image** (``StableDiffusionPipeline`` folders): UNet2DConditionModel,
@@ -42,6 +44,7 @@ from service.runtime.requests import RequestRejected
 logger = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.json"
+LABEL_PLACEHOLDER = "{label}"
 TEXT_TO_IMAGE_GUIDANCE_SCALE = 7.5  # diffusers' StableDiffusionPipeline default
 _SAMPLER_OF_SCHEDULER_CLASS = {
     "DDIMScheduler": SamplerKind.DDIM,
@@ -114,7 +117,7 @@ class PixelUNetPipeline:
 
     def __init__(self, unet: Any, schedule: NoiseSchedule, default_sampler: SamplerKind,
                  labels: tuple[str, ...], null_class: int | None, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, prompt_templates: tuple[str, ...] = (LABEL_PLACEHOLDER,)) -> None:
         self.unet = unet
         self.schedule = schedule
         self.default_sampler = default_sampler
@@ -123,7 +126,8 @@ class PixelUNetPipeline:
         self.device = device
         self.dtype = dtype
         self.class_conditional = unet.config.num_class_embeds is not None
-        self._class_of_label = {label.strip().lower(): index for index, label in enumerate(labels)}
+        self.prompt_templates = prompt_templates
+        self._class_of_label = class_of_prompt(labels, prompt_templates)
         height, width = _as_height_width(unet.config.sample_size)
         self.default_size = (width, height)
         self.channels = int(unet.config.in_channels)
@@ -155,14 +159,16 @@ class PixelUNetPipeline:
         return PreparedPrompt(self._class_tensor(cond), None if uncond is None else self._class_tensor(uncond))
 
     def _class_index(self, prompt: str) -> int:
-        index = self._class_of_label.get(prompt.strip().lower())
+        index = self._class_of_label.get(_normalize_prompt(prompt))
         if index is None:
             raise self._unknown_label(prompt, f"unknown label {prompt.strip()!r}")
         return index
 
     def _unknown_label(self, prompt: str, reason: str) -> RequestRejected:
         empty = " (or an empty prompt for unconditional samples)" if self.null_class is not None else ""
-        return _reject(f"{reason}; valid labels: {list(self.labels)}{empty}", "unknown_label")
+        forms = [template for template in self.prompt_templates if template != LABEL_PLACEHOLDER]
+        also = f" (also written as {forms})" if forms else ""
+        return _reject(f"{reason}; valid labels: {list(self.labels)}{also}{empty}", "unknown_label")
 
     @staticmethod
     def _class_tensor(index: int) -> torch.Tensor:
@@ -277,10 +283,36 @@ def _load_schedule(path: Path) -> tuple[NoiseSchedule, SamplerKind]:
     return NoiseSchedule.from_config(config), default_sampler
 
 
-def _read_labels(path: Path, num_classes: int) -> tuple[tuple[str, ...], int | None]:
+def _normalize_prompt(prompt: str) -> str:
+    return " ".join(prompt.split()).lower()
+
+
+def class_of_prompt(labels: tuple[str, ...], prompt_templates: tuple[str, ...]) -> dict[str, int]:
+    """Every accepted prompt (normalized: lower case, single spaces) -> its class index.
+
+    Raises ``ValueError`` when two classes would share a prompt."""
+    mapping: dict[str, int] = {}
+    for index, label in enumerate(labels):
+        for template in prompt_templates:
+            prompt = _normalize_prompt(template.replace(LABEL_PLACEHOLDER, label))
+            if mapping.setdefault(prompt, index) != index:
+                raise ValueError(f"prompt {prompt!r} would name two classes ({mapping[prompt]} and {index})")
+    return mapping
+
+
+def _read_prompt_templates(labels_path: Path, content: dict[str, Any]) -> tuple[str, ...]:
+    templates = content.get("prompt_templates", [LABEL_PLACEHOLDER])
+    if not isinstance(templates, list) or not templates or not all(
+            isinstance(template, str) and LABEL_PLACEHOLDER in template for template in templates):
+        raise ValueError(f"{labels_path}: 'prompt_templates' must be a non-empty list of strings, "
+                         f"each containing {LABEL_PLACEHOLDER!r}")
+    return tuple(templates)
+
+
+def _read_labels(path: Path, num_classes: int) -> tuple[tuple[str, ...], int | None, tuple[str, ...]]:
     labels_path = path / LABELS_FILE
     if not labels_path.is_file():
-        return tuple(str(index) for index in range(num_classes)), None
+        return tuple(str(index) for index in range(num_classes)), None, (LABEL_PLACEHOLDER,)
     content = _read_json(labels_path)
     labels = content.get("labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(label, str) and label.strip()
@@ -294,7 +326,12 @@ def _read_labels(path: Path, num_classes: int) -> tuple[tuple[str, ...], int | N
     if null_class is not None and (isinstance(null_class, bool) or not isinstance(null_class, int)
                                    or not 0 <= null_class < num_classes):
         raise ValueError(f"{labels_path}: 'null_class' must be a class index below {num_classes}")
-    return tuple(labels), null_class
+    prompt_templates = _read_prompt_templates(labels_path, content)
+    try:
+        class_of_prompt(tuple(labels), prompt_templates)
+    except ValueError as error:
+        raise ValueError(f"{labels_path}: {error}") from error
+    return tuple(labels), null_class, prompt_templates
 
 
 def _prepare_network(network: Any, device: torch.device) -> Any:
@@ -312,12 +349,13 @@ def _load_pixel_pipeline(path: Path, device: torch.device, dtype: torch.dtype) -
                          "channels (learned variance is not supported)")
     labels: tuple[str, ...] = ()
     null_class = None
+    prompt_templates: tuple[str, ...] = (LABEL_PLACEHOLDER,)
     if config.num_class_embeds is not None:
         if config.class_embed_type is not None:
             raise ValueError(f"{path}: class_embed_type {config.class_embed_type!r} is not supported")
-        labels, null_class = _read_labels(path, int(config.num_class_embeds))
+        labels, null_class, prompt_templates = _read_labels(path, int(config.num_class_embeds))
     schedule, default_sampler = _load_schedule(path)
-    return PixelUNetPipeline(unet, schedule, default_sampler, labels, null_class, device, dtype)
+    return PixelUNetPipeline(unet, schedule, default_sampler, labels, null_class, device, dtype, prompt_templates)
 
 
 def _load_text_to_image_pipeline(path: Path, device: torch.device, dtype: torch.dtype) -> TextToImagePipeline:

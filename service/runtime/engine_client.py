@@ -123,8 +123,9 @@ class EngineClient:
         except BaseException:
             self._handles.pop(handle.request_id, None)
             self._admissions.pop(handle.request_id, None)
-            if not admitted.done() or admitted.exception() is None:
-                handle.cancel()  # e.g. the client left while we waited for admission
+            rejected = admitted.done() and not admitted.cancelled() and admitted.exception() is not None
+            if not rejected:
+                self.abort(handle)  # e.g. the client left while we waited for admission
             raise
         return handle
 
