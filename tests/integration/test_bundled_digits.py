@@ -18,7 +18,7 @@ from tests.integration.server import REPO_ROOT, RunningServer, running_server
 
 MODEL_DIR = REPO_ROOT / "models" / "tiny-digits"
 MODEL_NAME = "tiny-digits"
-SEVENS = {"model": MODEL_NAME, "steps": 25, "scheduler": "ddim", "guidance_scale": 2.0, "seed": 7, "n": 4}
+SEVENS = {"model": MODEL_NAME, "steps": 25, "scheduler": "ddim", "guidance_scale": 1.25, "seed": 7, "n": 4}
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").is_file(),
                                 reason="models/tiny-digits is not bundled")
