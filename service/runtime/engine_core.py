@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -39,12 +38,10 @@ class PipeSink:
     """Sends one engine step's events to the front end in one message."""
 
     def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-        self._lock = threading.Lock()
+        self._connection = connection  # only the device loop's thread sends
 
     def send(self, message: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._connection.send(message)
+        self._connection.send(message)
 
     def put_many(self, items: list[tuple[RequestHandle, EngineEvent]]) -> None:
         self.send(("events", [(handle.request_id, event.kind, event.data) for handle, event in items]))

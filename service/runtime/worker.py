@@ -18,7 +18,6 @@ request, which under load took it tens of milliseconds per admission.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -42,13 +41,11 @@ class DeviceWorker:
         self.steps_per_cycle: dict[str, int] = {}
         self._stopping = False
         self.steps_run: dict[str, int] = {}
-        self.busy_seconds: dict[str, float] = {}
 
     def add_engine(self, engine: StepEngine, steps_per_cycle: int = 1) -> None:
         self.engines.append(engine)
         self.steps_per_cycle[engine.name] = steps_per_cycle
         self.steps_run[engine.name] = 0
-        self.busy_seconds[engine.name] = 0.0
 
     def stop(self) -> None:
         self._stopping = True
@@ -65,7 +62,6 @@ class DeviceWorker:
         return ran_any
 
     def _step(self, engine: StepEngine) -> None:
-        started = time.perf_counter()
         try:
             engine.step()
         except Exception as error:  # a bad step must not kill the loop
@@ -75,7 +71,6 @@ class DeviceWorker:
             except Exception:
                 logger.exception("engine %s could not fail its requests", engine.name)
         self.steps_run[engine.name] += 1
-        self.busy_seconds[engine.name] += time.perf_counter() - started
 
     def run(self, read_commands: Callable[[float], None], idle_wait_s: float = 0.5) -> None:
         """Loop until ``stop()``. ``read_commands(timeout)`` handles what arrived, waiting up to ``timeout``."""
