@@ -192,30 +192,30 @@ def bench_raw(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, Any
 def bench_engine(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, Any]:
     """genserve's engine stepped directly: ``concurrency`` requests in flight, refilled as they finish."""
     from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
-    from service.diffusion.request import ImageParams
+    from service.diffusion.params import ImageParams
 
-    engine = DiffusionEngine(MODEL_NAME, pipeline, DiffusionEngineConfig(max_batch_size=scenario.concurrency),
-                             torch.device(scenario.device), torch.float32)
+    config = DiffusionEngineConfig(max_batch_size=scenario.concurrency, max_image_side=1024, preview_max_side=64)
+    engine = DiffusionEngine(MODEL_NAME, pipeline, config, torch.device(scenario.device), torch.float32)
 
     def run(plan: list[ImageRequest]) -> tuple[float, list[float], int]:
         pending = list(reversed(plan))
-        in_flight: dict[str, tuple[Any, float]] = {}
+        in_flight: dict[str, float] = {}
         latencies: list[float] = []
         images = 0
+        submitted = 0
         started = time.perf_counter()
         while pending or in_flight:
             while pending and len(in_flight) < scenario.concurrency:
                 request = pending.pop()
-                handle = engine.add_request(ImageParams(prompt=request.prompt, steps=request.steps,
-                                                        scheduler="ddpm", seed=request.seed))
-                in_flight[handle.request_id] = (handle, time.perf_counter())
-            engine.step()
-            for request_id, (handle, sent) in list(in_flight.items()):
-                events = handle.pending_events()
-                if events and events[-1].is_final:
-                    latencies.append(time.perf_counter() - sent)
-                    images += len(events[-1].data["images"])
-                    del in_flight[request_id]
+                request_id = f"engine-{submitted}"
+                submitted += 1
+                engine.add_request(request_id, ImageParams(prompt=request.prompt, steps=request.steps,
+                                                           scheduler="ddpm", seed=request.seed))
+                in_flight[request_id] = time.perf_counter()
+            for output in engine.step().outputs:
+                if output.finished:
+                    latencies.append(time.perf_counter() - in_flight.pop(output.request_id))
+                    images += len(output.result.images)  # type: ignore[union-attr]
         return time.perf_counter() - started, latencies, images
 
     if warm_up:

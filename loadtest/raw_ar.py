@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from service.ar.engine import AREngine, AREngineConfig
+from service.ar.engine import AREngine
 from service.ar.loader import load_causal_lm
-from service.ar.sequence import SamplingParams
-from service.runtime.requests import RequestHandle
+from service.ar.outputs import TextDelta
+from service.ar.params import SamplingParams, TextRequest
+from service.runtime.registry import ar_engine_config, torch_dtype
 from service.runtime.warmup import warm_up
 from service.settings import Settings
 
@@ -23,23 +24,17 @@ from service.settings import Settings
 def build_engine(model_path: Path, max_batch_size: int) -> AREngine:
     settings = Settings(models={}, max_batch_size=max_batch_size)
     device = torch.device(settings.resolved_device())
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        settings.resolved_dtype()]
-    loaded = load_causal_lm(model_path, device, dtype)
-    config = AREngineConfig(max_batch_size=max_batch_size, max_queue=10**6, kv_cache_tokens=settings.kv_cache_tokens,
-                            block_size=settings.block_size, max_num_batched_tokens=settings.max_num_batched_tokens,
-                            enable_prefix_caching=settings.enable_prefix_caching,
-                            max_model_len=settings.max_model_len)
-    return AREngine("raw", loaded, config, device, dtype)
+    dtype = torch_dtype(settings.resolved_dtype())
+    return AREngine("raw", load_causal_lm(model_path, device, dtype), ar_engine_config(settings), device, dtype)
 
 
 def run_raw(model_path: Path, concurrency: int, num_requests: int, max_tokens: int, prompt: str,
             temperature: float = 1.0, seed: int = 0, ignore_eos: bool = False) -> dict[str, float]:
     engine = build_engine(Path(model_path), concurrency)
     warm_up(engine)
-    prompt_ids = engine.encode_prompt(prompt)
+    prompt_ids = tuple(engine.encode_prompt(prompt))
     submitted = 0
-    in_flight: list[RequestHandle] = []
+    in_flight: set[str] = set()
     tokens = 0
     first_token_at: dict[str, float] = {}
     started_at: dict[str, float] = {}
@@ -49,27 +44,28 @@ def run_raw(model_path: Path, concurrency: int, num_requests: int, max_tokens: i
         nonlocal submitted
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + submitted,
                                 ignore_eos=ignore_eos)
-        handle = engine.add_request(prompt_ids, params)
-        started_at[handle.request_id] = time.perf_counter()
-        in_flight.append(handle)
+        request_id = f"raw-{submitted}"
+        engine.add_request(request_id, TextRequest(params, prompt_token_ids=prompt_ids))
+        started_at[request_id] = time.perf_counter()
+        in_flight.add(request_id)
         submitted += 1
 
     start = time.perf_counter()
     while submitted < min(concurrency, num_requests):
         submit()
     while in_flight:
-        engine.step()
+        outputs = engine.step().outputs
         now = time.perf_counter()
-        for handle in list(in_flight):
-            for event in handle.pending_events():
-                if event.kind == "token" and handle.request_id not in first_token_at:
-                    first_token_at[handle.request_id] = now
-                    ttfts.append(now - started_at[handle.request_id])
-                if event.is_final:
-                    tokens += event.data["usage"]["completion_tokens"]
-                    in_flight.remove(handle)
-                    if submitted < num_requests:
-                        submit()
+        for output in outputs:
+            request_id = output.request_id
+            if isinstance(output.delta, TextDelta) and request_id not in first_token_at:
+                first_token_at[request_id] = now
+                ttfts.append(now - started_at[request_id])
+            if output.finished:
+                tokens += output.result.completion_tokens  # type: ignore[union-attr]
+                in_flight.discard(request_id)
+                if submitted < num_requests:
+                    submit()
     wall = time.perf_counter() - start
     ttfts.sort()
     return {"output_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "requests": num_requests,

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from service.api import generate, system
 from service.api.errors import install_error_handlers
+from service.api.openapi import install_openapi
 from service.runtime.engine_client import EngineClient
 from service.settings import Settings
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(system.router)
     app.include_router(generate.router)
     return app

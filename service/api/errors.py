@@ -1,8 +1,13 @@
-"""One JSON error shape for every failure: ``{"error": {"type", "message"}}``."""
+"""Every failure as one JSON error, and the one table from engine error types to HTTP statuses.
+
+``/generate`` and the rest answer ``{"error": {"type", "message"}}``; routes under ``/v1/`` answer in
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the same statuses.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,56 +15,114 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.common.errors import (EngineError, EngineFailed, EngineUnavailable, InvalidRequest, PromptTooLong,
+                                   QueueFull, RequestTimedOut, UnknownLabel, UnknownModel, shorten)
 from service.runtime import metrics
 
 logger = logging.getLogger(__name__)
+OPENAI_PREFIX = "/v1/"
+MAX_MESSAGE_CHARS = 2000
+
+# Most specific first: the first entry the error is an instance of wins.
+ENGINE_ERROR_STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
+    (UnknownLabel, 422, "unknown_label"),
+    (InvalidRequest, 422, "validation_error"),
+    (PromptTooLong, 413, "prompt_too_long"),
+    (QueueFull, 503, "overloaded"),
+    (RequestTimedOut, 503, "queue_timeout"),
+    (UnknownModel, 404, "model_not_found"),
+    (EngineUnavailable, 503, "engine_unavailable"),
+    (EngineFailed, 500, "engine_error"),
+    (EngineError, 500, "engine_error"),
+)
+RETRYABLE_STATUSES = (503,)
 
 
 class APIError(Exception):
     def __init__(self, status_code: int, error_type: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.error_type = error_type
         self.message = message
         self.headers = headers
+        self.param = param
 
 
-def error_response(status_code: int, error_type: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def status_of(error: EngineError) -> tuple[int, str]:
+    for error_class, status, error_type in ENGINE_ERROR_STATUS:
+        if isinstance(error, error_class):
+            return status, error_type
+    raise AssertionError("EngineError is in the table")
+
+
+def api_error(error: EngineError, retry_after_s: int) -> APIError:
+    status, error_type = status_of(error)
+    headers = {"Retry-After": str(retry_after_s)} if status in RETRYABLE_STATUSES else None
+    return APIError(status, error_type, str(error), headers)
+
+
+def error_body(status_code: int, error_type: str, message: str, openai: bool, param: str | None = None) -> dict:
+    message = shorten(message, MAX_MESSAGE_CHARS)
+    if openai:
+        openai_type = "invalid_request_error" if status_code < 500 else "server_error"
+        return {"error": {"message": message, "type": openai_type, "param": param, "code": error_type}}
+    return {"error": {"type": error_type, "message": message}}
+
+
+def error_response(status_code: int, error_type: str, message: str, headers: dict[str, str] | None = None,
+                   openai: bool = False, param: str | None = None) -> JSONResponse:
     if status_code >= 400:
         metrics.HTTP_REJECTIONS.labels(str(status_code)).inc()
-    return JSONResponse({"error": {"type": error_type, "message": message}}, status_code=status_code,
+    return JSONResponse(error_body(status_code, error_type, message, openai, param), status_code=status_code,
                         headers=headers)
 
 
-def describe_validation_errors(errors: list[dict]) -> str:
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith(OPENAI_PREFIX)
+
+
+def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """A readable message and the first offending field (OpenAI's ``param``)."""
     parts = []
+    first_field = None
     for error in errors:
         location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts)
+        first_field = first_field or location or None
+        parts.append(f"{location or 'body'}: {shorten(str(error.get('msg', 'invalid')), 200)}")
+    return "; ".join(parts), first_field
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, error: APIError) -> JSONResponse:
-        return error_response(error.status_code, error.error_type, error.message, error.headers)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error.status_code, error.error_type, error.message, error.headers,
+                              _is_openai(request), error.param)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, error: EngineError) -> JSONResponse:
+        translated = api_error(error, request.app.state.settings.retry_after_s)
+        return error_response(translated.status_code, translated.error_type, translated.message,
+                              translated.headers, _is_openai(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(422, "validation_error", describe_validation_errors(list(error.errors())))
+    async def _request_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(error.errors()))
+        return error_response(422, "validation_error", message, openai=_is_openai(request), param=param)
 
     @app.exception_handler(ValidationError)
-    async def _validation(_: Request, error: ValidationError) -> JSONResponse:
-        return error_response(422, "validation_error",
-                              describe_validation_errors(list(error.errors(include_url=False))))
+    async def _validation(request: Request, error: ValidationError) -> JSONResponse:
+        message, param = describe_validation_errors(list(error.errors(include_url=False)))
+        return error_response(422, "validation_error", message, openai=_is_openai(request), param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(error.status_code, "http_error", str(error.detail), getattr(error, "headers", None))
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(error.status_code, "http_error", str(error.detail), getattr(error, "headers", None),
+                              _is_openai(request))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return error_response(500, "internal_error", f"{type(error).__name__}: {error}")
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        error_id = f"err-{uuid.uuid4().hex[:12]}"
+        logger.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
+        return error_response(500, "internal_error", f"internal error; the server log has it as {error_id}",
+                              openai=_is_openai(request))

@@ -1,4 +1,4 @@
-"""POST /generate: validate, pick the engine, queue the request, answer in JSON or SSE."""
+"""POST /generate: validate, pick the model, build the engine params, submit, answer in JSON or SSE."""
 
 from __future__ import annotations
 
@@ -12,16 +12,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
 
-from service.api.errors import APIError, error_response
-from service.api.schemas import REQUEST_SCHEMAS
-from service.api.streaming import ClientDisconnected, event_batches, merge_token_events, sse_message
-from service.runtime.engine_client import ClientHandle, EngineClient, EngineCoreDied
-from service.runtime.registry import UnknownModel, resolve_model
-from service.runtime.requests import EngineEvent, QueueFull, RequestRejected
+from service.api.engine_params import image_params, text_request
+from service.api.errors import APIError, api_error, error_response, status_of
+from service.api.generate_format import delta_events, error_json, error_of, result_body
+from service.api.openapi import request_body
+from service.api.routing import resolve_model
+from service.api.schemas import ImageGenerateRequest, TextGenerateRequest
+from service.api.streaming import ClientDisconnected, final_output, output_batches, sse_event
+from service.common.errors import EngineError
+from service.runtime.engine_client import EngineClient, RequestStream
+from service.runtime.messages import EngineParams
 from service.settings import Settings
 
 router = APIRouter()
 request_log = logging.getLogger("genserve.requests")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:
@@ -41,100 +46,89 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         raise APIError(400, "invalid_json", f"request body is not valid JSON: {error}") from error
 
 
-@router.post("/generate", response_model=None)
-async def generate(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
-    client: EngineClient = state.engine_client
+def ready_client(request: Request) -> EngineClient:
+    client: EngineClient = request.app.state.engine_client
     if not client.ready.is_set():
-        raise APIError(503, "not_ready", "models are still loading", {"Retry-After": str(settings.retry_after_s)})
+        raise APIError(503, "not_ready", "models are still loading",
+                       {"Retry-After": str(request.app.state.settings.retry_after_s)})
+    return client
+
+
+async def submit(client: EngineClient, model: str, params: EngineParams, settings: Settings) -> RequestStream:
+    try:
+        return await client.submit(model, params)
+    except EngineError as error:
+        raise api_error(error, settings.retry_after_s) from error
+
+
+@router.post("/generate", response_model=None, openapi_extra=request_body(TextGenerateRequest, ImageGenerateRequest))
+async def generate(request: Request) -> Response:
+    """Text (autoregressive) or images (diffusion), by the model or `paradigm` named in the body."""
+    settings: Settings = request.app.state.settings
+    client = ready_client(request)
     body = await read_json_body(request, settings.max_body_bytes)
     if not isinstance(body, dict):
         raise APIError(422, "validation_error", "the request body must be a JSON object")
-    paradigms = {name: entry["paradigm"] for name, entry in client.models.items()}
-    try:
-        model = resolve_model(paradigms, body.get("model"), body.get("paradigm"))
-    except UnknownModel as error:
-        raise APIError(404, "model_not_found", str(error)) from error
-    except RequestRejected as error:
-        raise APIError(error.status_code, error.error_type, str(error)) from error
-    schema = REQUEST_SCHEMAS[paradigms[model]]
-    validated = schema.model_validate({**body, "model": model})
-    handle = await submit(client, model, validated.model_dump(), settings)
-    return await respond(handle, request, validated.stream)
-
-
-async def submit(client: EngineClient, model: str, payload: dict[str, Any], settings: Settings) -> ClientHandle:
-    try:
-        return await client.submit(model, payload)
-    except QueueFull as error:
-        raise APIError(503, "overloaded", str(error), {"Retry-After": str(settings.retry_after_s)}) from error
-    except RequestRejected as error:
-        raise APIError(error.status_code, error.error_type, str(error)) from error
-    except EngineCoreDied as error:
-        raise APIError(503, "engine_unavailable", str(error), {"Retry-After": str(settings.retry_after_s)}) from error
-
-
-async def respond(handle: ClientHandle, request: Request, stream: bool) -> Response:
-    """Answer with one JSON body at the end, or with SSE events as they come."""
-    if stream:
-        return EventSourceResponse(sse_response_stream(handle, request),
-                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await collect_response(handle, request)
-
-
-def _response_object(handle: ClientHandle, result: dict[str, Any]) -> dict[str, Any]:
-    return {"id": handle.request_id, "model": handle.model, "paradigm": handle.paradigm, **result}
-
-
-def _log_request(handle: ClientHandle, status: int, stream: bool, result: dict[str, Any] | None) -> None:
-    line: dict[str, Any] = {"event": "request", "id": handle.request_id, "model": handle.model,
-                            "paradigm": handle.paradigm, "status": status, "stream": stream,
-                            "wall_s": round(time.perf_counter() - handle.arrival_time, 6)}
-    if result is not None:
-        line["finish_reason"] = result.get("finish_reason")
-        for key in ("usage", "timings", "steps", "scheduler"):
-            if key in result:
-                line[key] = result[key]
+    paradigms = {name: info.paradigm for name, info in client.models.items()}
+    model = resolve_model(paradigms, body.get("model"), body.get("paradigm"))
+    info = client.models[model]
+    params: EngineParams
+    if info.paradigm == "autoregressive":
+        text_body = TextGenerateRequest.model_validate({**body, "model": model})
+        params, stream_wanted = text_request(text_body, settings, info), text_body.stream
     else:
-        line["finish_reason"] = "cancelled"
+        image_body = ImageGenerateRequest.model_validate({**body, "model": model})
+        params, stream_wanted = image_params(image_body, settings, info), image_body.stream
+    stream = await submit(client, model, params, settings)
+    if stream_wanted:
+        return EventSourceResponse(sse_stream(stream, request), headers=SSE_HEADERS)
+    return await json_answer(stream, request)
+
+
+def log_request(stream: RequestStream, status: int, streamed: bool, output: Any | None) -> None:
+    line: dict[str, Any] = {"event": "request", "id": stream.request_id, "model": stream.model,
+                            "paradigm": stream.paradigm, "status": status, "stream": streamed,
+                            "wall_s": round(time.monotonic() - stream.arrival_time, 6)}
+    result = getattr(output, "result", None)
+    line["finish_reason"] = getattr(result, "finish_reason", "cancelled")
+    timings = getattr(output, "timings", None)
+    if timings is not None:
+        line["timings"] = {"queue_s": timings.queue_s, "ttft_s": timings.ttft_s, "total_s": timings.total_s}
+    for name in ("prompt_tokens", "completion_tokens", "steps"):
+        value = getattr(result, name, None)
+        if value is not None:
+            line[name] = value
     request_log.info(json.dumps(line, separators=(",", ":")))
 
 
-async def collect_response(handle: ClientHandle, request: Request) -> Response:
-    final: EngineEvent | None = None
+async def json_answer(stream: RequestStream, request: Request) -> Response:
     try:
-        async for batch in event_batches(handle, request.receive):
-            if batch[-1].is_final:
-                final = batch[-1]
+        output = await final_output(stream, request.receive)
     except ClientDisconnected:
-        _log_request(handle, 499, False, None)
+        log_request(stream, 499, False, None)
         return Response(status_code=499)
-    assert final is not None
-    if final.kind == "error":
-        _log_request(handle, 500, False, final.data)
-        return error_response(500, final.data["error"]["type"], final.data["error"]["message"])
-    _log_request(handle, 200, False, final.data)
-    return JSONResponse(_response_object(handle, final.data))
+    error = error_of(output)
+    if error is not None:
+        status, error_type = status_of(error)
+        log_request(stream, status, False, output)
+        return error_response(status, error_type, str(error))
+    log_request(stream, 200, False, output)
+    return JSONResponse(result_body(stream, output))
 
 
-async def sse_response_stream(handle: ClientHandle, request: Request) -> AsyncIterator[str]:
-    final: dict[str, Any] | None = None
+async def sse_stream(stream: RequestStream, request: Request) -> AsyncIterator[str]:
+    final = None
     try:
-        async for batch in event_batches(handle, request.receive):
-            messages = []
-            for event in merge_token_events(batch):
-                if event.kind == "done":
-                    final = event.data
-                    messages.append(sse_message("done", _response_object(handle, event.data)))
-                elif event.kind == "error":
-                    final = event.data
-                    messages.append(sse_message("error", {"error": event.data["error"]}))
-                elif event.kind != "token" or event.data["text"] or "logprobs" in event.data:
-                    messages.append(sse_message(event.kind, event.data))
+        async for batch in output_batches(stream, request.receive):
+            messages = [sse_event(kind, data) for kind, data in delta_events(batch)]
+            if batch[-1].finished:
+                final = batch[-1]
+                error = error_of(final)
+                messages.append(sse_event("error", error_json(error)) if error is not None
+                                else sse_event("done", result_body(stream, final)))
             if messages:
                 yield "".join(messages)
     except ClientDisconnected:
         pass
     finally:
-        _log_request(handle, 200 if final is not None else 499, True, final)
+        log_request(stream, 200 if final is not None else 499, True, final)

@@ -1,4 +1,4 @@
-"""Reading a request's events while watching for its client to go away."""
+"""Reading one request's outputs while watching for its client to go away (shared by every wire format)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 from starlette.types import Receive
 
-from service.runtime.engine_client import ClientHandle
-from service.runtime.requests import EngineEvent
+from service.common.outputs import RequestOutput
+from service.runtime.engine_client import Disconnected, RequestStream
 
 
 class ClientDisconnected(Exception):
@@ -24,49 +24,41 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def event_batches(handle: ClientHandle, receive: Receive) -> AsyncIterator[list[EngineEvent]]:
-    """Yield the handle's events, several at a time when they pile up, until the final one.
+async def output_batches(stream: RequestStream, receive: Receive) -> AsyncIterator[list[RequestOutput]]:
+    """Yield the request's outputs, several at a time when they pile up, until the finished one.
 
-    A watcher task turns the client's disconnect into an event in the handle's own
-    queue, so reading costs one ``await queue.get()`` per batch and no task per token.
-    On disconnect the request is cancelled in the engine and ``ClientDisconnected`` is
-    raised; leaving early for any other reason also cancels the request.
+    A watcher task turns the client's disconnect into an item in the stream's own queue, so reading
+    costs one ``await queue.get()`` per batch and no task per token. On disconnect the request is
+    cancelled in the engine and ``ClientDisconnected`` is raised; leaving early for any other reason
+    also cancels it.
     """
 
     async def watch_disconnect() -> None:
         await _wait_for_disconnect(receive)
-        handle.notify_disconnect()
+        stream.notify_disconnect()
 
     watcher = asyncio.ensure_future(watch_disconnect())
     try:
         while True:
-            first = await handle.next_event()
-            batch = [first] if first.is_final else [first, *handle.pending_events()]
-            if any(event.kind == "disconnect" for event in batch):
-                raise ClientDisconnected(handle.request_id)
+            batch = await stream.next_outputs()
+            if isinstance(batch, Disconnected):
+                raise ClientDisconnected(stream.request_id)
             yield batch
-            if batch[-1].is_final:
+            if batch[-1].finished:
                 return
     finally:
         watcher.cancel()
-        handle.cancel()
+        stream.cancel()
 
 
-def merge_token_events(events: list[EngineEvent]) -> list[EngineEvent]:
-    """Coalesce consecutive token events (a lagging client gets fewer, larger deltas)."""
-    merged: list[EngineEvent] = []
-    for event in events:
-        if event.kind == "token" and merged and merged[-1].kind == "token":
-            previous = merged[-1].data
-            combined: dict[str, Any] = {"text": previous["text"] + event.data["text"],
-                                        "token_ids": previous["token_ids"] + event.data["token_ids"]}
-            if "logprobs" in previous:
-                combined["logprobs"] = previous["logprobs"] + event.data.get("logprobs", [])
-            merged[-1] = EngineEvent("token", combined)
-        else:
-            merged.append(event)
-    return merged
+async def final_output(stream: RequestStream, receive: Receive) -> RequestOutput:
+    """Wait for the request's end (a non-streamed answer); the deltas before it are dropped."""
+    async for batch in output_batches(stream, receive):
+        if batch[-1].finished:
+            return batch[-1]
+    raise AssertionError("output_batches ends with a finished output")
 
 
-def sse_message(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def sse_event(event: str | None, data: Any) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"event: {event}\ndata: {text}\n\n" if event else f"data: {text}\n\n"

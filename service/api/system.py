@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.runtime.engine_client import EngineClient
+from service.runtime.messages import ModelInfo
 from service.runtime.metrics import exposition_registry
 
 router = APIRouter()
@@ -35,9 +36,14 @@ async def ready(request: Request) -> JSONResponse:
                         headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
 
 
+def model_json(info: ModelInfo) -> dict[str, object]:
+    return {"name": info.name, "paradigm": info.paradigm, **info.details, "defaults": info.defaults}
+
+
 @router.get("/models")
 async def models(request: Request) -> JSONResponse:
-    return JSONResponse({"models": list(_client(request).models.values())})
+    """Each served model and what it accepts (context length, labels, steps, defaults)."""
+    return JSONResponse({"models": [model_json(info) for info in _client(request).models.values()]})
 
 
 @router.get("/metrics")

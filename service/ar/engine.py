@@ -1,44 +1,43 @@
-"""The autoregressive engine: one ``step()`` = schedule -> forward -> sample -> detokenize -> emit.
+"""The autoregressive engine: one ``step()`` = schedule -> forward -> sample -> detokenize -> report.
 
-``add_request`` and ``abort`` only append to intake queues; the next ``step()``
-takes them in. The device loop calls all three from one thread.
+The engine is a plain step function with no threads, no clock and no metrics: it reports what
+each step produced (``StepReport``), and ``service/runtime/lifecycle.py`` turns that into timings,
+metrics and messages. The device loop calls ``add_request``, ``abort`` and ``step`` from one thread.
 """
 
 from __future__ import annotations
 
-import collections
-import logging
 import random
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from service.ar.chat_template import render_chat
 from service.ar.detokenize import IncrementalDetokenizer
 from service.ar.kv_cache import KVCacheManager
 from service.ar.loader import LoadedCausalLM
 from service.ar.model_runner import ModelRunner
+from service.ar.outputs import PromptTokenLogprob, TextDelta, TextResult, TokenLogprob, TopLogprob
+from service.ar.params import SamplingParams, TextRequest
 from service.ar.sampling import sample
 from service.ar.scheduler import Scheduler
-from service.ar.sequence import SamplingParams, Sequence, SequenceStatus, TokenLogprob
-from service.runtime import metrics
-from service.runtime.requests import (LOCAL_SINK, EngineEvent, EventSink, QueueFull, RequestHandle,
-                                      RequestRejected, deliver, new_request_id)
+from service.ar.sequence import Sequence, SequenceStatus
+from service.common.errors import EngineError, InvalidRequest, PromptTooLong
+from service.common.outputs import FinishReason, RequestOutput, StepReport, StepStats
 
 PARADIGM = "autoregressive"
-logger = logging.getLogger(__name__)
+# No tokenizer makes fewer than one token per this many characters: a cheap bound before encoding.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
 class AREngineConfig:
-    max_batch_size: int = 32
-    max_queue: int = 256
-    kv_cache_tokens: int = 65536
-    block_size: int = 16
-    max_num_batched_tokens: int = 512
-    enable_prefix_caching: bool = True
-    max_model_len: int = 4096
+    max_batch_size: int
+    kv_cache_tokens: int
+    block_size: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    max_model_len: int
 
 
 class AREngine:
@@ -57,155 +56,166 @@ class AREngine:
         self.scheduler = Scheduler(self.kv_cache, config.max_batch_size,
                                    max(config.max_num_batched_tokens, config.max_batch_size))
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, device, dtype)
-        self._intake: collections.deque[Sequence] = collections.deque()
-        self._aborts: collections.deque[str] = collections.deque()
         self._sequences: dict[str, Sequence] = {}
-        self._num_queued = 0  # intake + waiting, for admission
-        self._labels = (PARADIGM, name)
-        metrics.register_engine_labels(PARADIGM, name, metrics.AR_ENGINE_METRICS)
-        self._ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*self._labels)
-        self._itl = metrics.INTER_TOKEN_LATENCY.labels(*self._labels)
-        self._generated = metrics.GENERATED_TOKENS.labels(*self._labels)
+        self._pending_stats = StepStats()  # what happened between steps (admissions), reported with the next
 
-    # ---- admission (the device loop, between cycles) ---------------------------------------
+    # ---- what the model accepts -----------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+    def describe(self) -> dict[str, object]:
+        return {"max_model_len": self.max_model_len, "chat_template": self.loaded.chat_template is not None,
+                "vocab_size": self.tokenizer.get_vocab_size()}
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, sink: EventSink | None = None,
-                    request_id: str | None = None) -> RequestHandle:
-        """Queue a request. Raises ``QueueFull`` or ``RequestRejected``; never blocks on the model."""
-        self._validate(prompt_token_ids, params)
-        if self._num_queued >= self.config.max_queue:
-            raise QueueFull(f"{self.name}: {self._num_queued} requests already waiting")
-        self._num_queued += 1
-        handle = RequestHandle(request_id or new_request_id("gen"), self.name, PARADIGM, self.abort,
-                               sink or LOCAL_SINK)
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def prompt_token_ids(self, request: TextRequest) -> list[int]:
+        """The token ids the model sees. A chat template writes its own special tokens (BOS included),
+        so its text is encoded without adding them again, as transformers' ``apply_chat_template`` does."""
+        if request.prompt_token_ids is not None:
+            vocab = self.tokenizer.get_vocab_size()
+            if any(not 0 <= token < vocab for token in request.prompt_token_ids):
+                raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+            return list(request.prompt_token_ids)
+        if request.messages is not None:
+            try:
+                text = render_chat(self.loaded.chat_template, [{"role": m.role, "content": m.content}
+                                                               for m in request.messages],
+                                   self.loaded.bos_token, self.loaded.eos_token)
+            except ValueError as error:
+                raise InvalidRequest(str(error)) from error
+            add_special_tokens = False
+        else:
+            assert request.prompt is not None
+            text, add_special_tokens = request.prompt, True
+        if len(text) > MAX_CHARS_PER_TOKEN * self.max_model_len:
+            raise PromptTooLong(f"prompt is {len(text)} characters; far above the context length "
+                                f"({self.max_model_len} tokens)")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+        if num_prompt == 0:
+            raise InvalidRequest("the prompt encodes to zero tokens; send a non-empty prompt")
+        if num_prompt > self.max_model_len:
+            raise PromptTooLong(f"prompt is {num_prompt} tokens; this model accepts at most {self.max_model_len}")
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                 f"context length {self.max_model_len}; lower max_tokens")
+        if self.kv_cache.blocks_needed(num_prompt + params.max_tokens) > self.kv_cache.num_blocks:
+            raise PromptTooLong(f"prompt + max_tokens needs more KV cache than the pool holds "
+                                f"({self.kv_cache.num_blocks * self.kv_cache.block_size} tokens)")
+        vocab = self.tokenizer.get_vocab_size()
+        for token_id, _ in params.logit_bias:
+            if not 0 <= token_id < vocab:
+                raise InvalidRequest(f"logit_bias names token {token_id}; the vocabulary has {vocab} tokens")
+
+    # ---- admission (between steps) --------------------------------------------------------------
+
+    def add_request(self, request_id: str, request: TextRequest) -> None:
+        """Queue a request; raises ``InvalidRequest`` or ``PromptTooLong``. Never runs the model."""
+        prompt_token_ids = self.prompt_token_ids(request)
+        params = request.sampling
+        self._check_fits(len(prompt_token_ids), params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
-        seq = Sequence(
-            request_id=handle.request_id, prompt_token_ids=list(prompt_token_ids), params=params,
-            handle=handle, generator=generator,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop),
-            arrival_time=handle.arrival_time,
-        )
-        self._intake.append(seq)
-        metrics.REQUESTS_WAITING.labels(*self._labels).inc()
-        return handle
+        seq = Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
+                       generator=generator,
+                       detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop))
+        self._sequences[request_id] = seq
+        self.scheduler.add(seq)
+        self._pending_stats.prompt_tokens_admitted += seq.num_prompt_tokens
 
-    def warmup_request(self) -> RequestHandle:
-        prompt = self.encode_prompt("Hello, world") or [0]
-        return self.add_request(prompt[:8], SamplingParams(max_tokens=4, temperature=0.0))
+    def abort(self, request_id: str, reason: FinishReason = "cancelled", error: EngineError | None = None) -> RequestOutput | None:
+        """End a request now and free its KV blocks; its final output (partial text), or None if unknown."""
+        seq = self._sequences.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, reason, error)
 
-    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise RequestRejected("the prompt encodes to zero tokens; send a non-empty prompt")
-        if num_prompt > self.max_model_len:
-            raise RequestRejected(
-                f"prompt is {num_prompt} tokens; this model accepts at most {self.max_model_len}",
-                status_code=413, error_type="prompt_too_long")
-        if num_prompt + params.max_tokens > self.max_model_len:
-            raise RequestRejected(
-                f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length {self.max_model_len}; lower max_tokens")
-        if self.kv_cache.blocks_needed(num_prompt + params.max_tokens) > self.kv_cache.num_blocks:
-            raise RequestRejected(
-                f"prompt + max_tokens needs more KV cache than the pool holds "
-                f"({self.kv_cache.num_blocks * self.kv_cache.block_size} tokens)",
-                status_code=413, error_type="prompt_too_long")
+    def warmup_request(self) -> TextRequest:
+        return TextRequest(SamplingParams(max_tokens=4, temperature=0.0), prompt="Hello, world")
 
-    def abort(self, request_id: str) -> None:
-        self._aborts.append(request_id)
+    # ---- load, for admission and metrics --------------------------------------------------------
 
     @property
     def num_waiting(self) -> int:
-        return self._num_queued
+        return len(self.scheduler.waiting)
 
-    # ---- the step -----------------------------------------------------------------------
+    @property
+    def num_free_slots(self) -> int:
+        return max(0, self.config.max_batch_size - len(self.scheduler.running))
 
     def has_work(self) -> bool:
-        return bool(self._intake or self._aborts or self.scheduler.has_work())
+        return self.scheduler.has_work()
 
-    def step(self) -> None:
-        events: list[tuple[RequestHandle, EngineEvent]] = []
-        self._drain_intake(events)
+    def running_request_ids(self) -> list[str]:
+        return [seq.request_id for seq in self.scheduler.running]
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self) -> StepReport:
+        report = StepReport(stats=self._pending_stats)
+        self._pending_stats = StepStats()
         batch = self.scheduler.schedule()
-        if batch.preempted:
-            metrics.PREEMPTIONS.labels(*self._labels).inc(len(batch.preempted))
-        if batch.prefix_hit_tokens:
-            metrics.PREFIX_CACHE_HIT_TOKENS.labels(*self._labels).inc(batch.prefix_hit_tokens)
-        if batch.is_empty:
-            self._update_gauges()
-            self._flush(events)
-            return
+        report.stats.preemptions = len(batch.preempted)
+        report.stats.prefix_hit_tokens = batch.prefix_hit_tokens
+        if not batch.is_empty:
+            self._run(batch.entries, report)
+        self.fill_occupancy(report.stats)
+        return report
 
-        now = time.perf_counter()
-        for seq, _ in batch.entries:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-                self._num_queued -= 1
-                metrics.REQUESTS_WAITING.labels(*self._labels).dec()
-                metrics.QUEUE_WAIT.labels(*self._labels).observe(now - seq.arrival_time)
-        metrics.BATCH_SIZE.labels(*self._labels).observe(len(batch.entries))
+    def fill_occupancy(self, stats: StepStats) -> StepStats:
+        stats.running = len(self.scheduler.running)
+        stats.waiting = len(self.scheduler.waiting)
+        stats.kv_cache_usage = self.kv_cache.usage
+        return stats
 
-        logits = self.runner.execute(batch.entries)
+    def _run(self, entries: list[tuple[Sequence, int]], report: StepReport) -> None:
+        for seq, _ in entries:
+            if not seq.started:
+                seq.started = True
+                report.started.append(seq.request_id)
+        report.stats.batch_size = len(entries)
 
-        for index, (seq, num_new) in enumerate(batch.entries):
+        logits = self.runner.execute(entries)
+        for index, (seq, num_new) in enumerate(entries):
             if index in logits.prompt_logprobs:
                 seq.prompt_logprobs.extend(logits.prompt_logprobs[index])
             seq.num_computed_tokens += num_new
             self.kv_cache.register_full_blocks(seq)
 
-        to_sample = [batch.entries[i][0] for i in logits.sample_entries]
-        ended_at_prompt = [s for s in to_sample if s.params.max_tokens == 0]
-        to_sample = [s for s in to_sample if s.params.max_tokens > 0]
-        for seq in ended_at_prompt:
-            self._finish(seq, "length", events)
-        if to_sample:
-            rows = [i for i in logits.sample_entries if batch.entries[i][0].params.max_tokens > 0]
-            assert logits.sample_logits is not None
-            sample_logits = logits.sample_logits
-            if len(rows) != len(logits.sample_entries):
-                keep = [logits.sample_entries.index(i) for i in rows]
-                sample_logits = sample_logits[torch.tensor(keep, device=sample_logits.device)]
-            sampled = sample(sample_logits, [s.params for s in to_sample], [s.generator for s in to_sample],
-                             [s.token_ids for s in to_sample])
-            now = time.perf_counter()
-            for seq, token_id, logprob in zip(to_sample, sampled.token_ids, sampled.logprobs):
-                self._append_token(seq, token_id, logprob, now, events)
-            self._generated.inc(len(to_sample))
-
-        self._update_gauges()
-        self._flush(events)
-
-    def _drain_intake(self, events: list[tuple[RequestHandle, EngineEvent]]) -> None:
-        while self._intake:
-            seq = self._intake.popleft()
-            self._sequences[seq.request_id] = seq
-            self.scheduler.add(seq)
-            metrics.PROMPT_TOKENS.labels(*self._labels).inc(seq.num_prompt_tokens)
-        while self._aborts:
-            seq = self._sequences.get(self._aborts.popleft())
-            if seq is not None and not seq.is_finished:
-                self._finish(seq, "cancelled", events)
+        positions = [(row, entries[entry][0]) for row, entry in enumerate(logits.sample_entries)]
+        for _, seq in positions:
+            if seq.params.max_tokens == 0:  # prompt_logprobs only: done once the prompt is computed
+                report.outputs.append(self._finish(seq, "length"))
+        positions = [(row, seq) for row, seq in positions if seq.params.max_tokens > 0]
+        if not positions:
+            return
+        assert logits.sample_logits is not None
+        sample_logits = logits.sample_logits
+        if len(positions) != len(logits.sample_entries):
+            sample_logits = sample_logits[torch.tensor([row for row, _ in positions], device=sample_logits.device)]
+        to_sample = [seq for _, seq in positions]
+        sampled = sample(sample_logits, [s.params for s in to_sample], [s.generator for s in to_sample],
+                         [s.token_ids for s in to_sample], [s.num_prompt_tokens for s in to_sample])
+        invalid = set(sampled.invalid_rows)
+        for row, (seq, token_id, logprob) in enumerate(zip(to_sample, sampled.token_ids, sampled.logprobs)):
+            if row in invalid:
+                report.outputs.append(self._finish(seq, "error", InvalidRequest(
+                    "the logits became non-finite for this request (check temperature, penalties and logit_bias)")))
+                continue
+            report.outputs.append(self._append_token(seq, token_id, logprob))
+        report.stats.generated_tokens = len(to_sample) - len(invalid)
 
     def _append_token(self, seq: Sequence, token_id: int,
-                      logprob: tuple[float, list[tuple[int, float]]] | None, now: float,
-                      events: list[tuple[RequestHandle, EngineEvent]]) -> None:
+                      logprob: tuple[float, list[tuple[int, float]]] | None) -> RequestOutput:
         seq.token_ids.append(token_id)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-            self._ttft.observe(now - seq.arrival_time)
-        else:
-            assert seq.last_token_time is not None
-            self._itl.observe(now - seq.last_token_time)
-        seq.last_token_time = now
+        token_logprobs = None
         if logprob is not None:
-            seq.output_logprobs.append(TokenLogprob(token_id, logprob[0], logprob[1]))
+            seq.output_logprobs.append(self._token_logprob(token_id, logprob))
+            token_logprobs = (seq.output_logprobs[-1],)
 
-        finish_reason = None
+        finish_reason: FinishReason | None = None
         if token_id in self.loaded.eos_token_ids and not seq.params.ignore_eos:
             finish_reason = "stop"
         else:
@@ -215,79 +225,37 @@ class AREngine:
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 finish_reason = "length"
 
-        delta = seq.detokenizer.take_delta(final=finish_reason is not None)
-        token_event: dict[str, Any] = {"text": delta, "token_ids": [token_id]}
-        if logprob is not None:
-            token_event["logprobs"] = [self._logprob_json(seq.output_logprobs[-1])]
-        events.append((seq.handle, EngineEvent("token", token_event)))
-        if finish_reason is not None:
-            self._finish(seq, finish_reason, events)
+        delta = TextDelta(seq.detokenizer.take_delta(final=finish_reason is not None), (token_id,), token_logprobs)
+        if finish_reason is None:
+            return RequestOutput(seq.request_id, delta=delta)
+        return self._finish(seq, finish_reason, delta=delta)
 
-    def _finish(self, seq: Sequence, reason: str, events: list[tuple[RequestHandle, EngineEvent]]) -> None:
-        if seq.status is SequenceStatus.WAITING and seq.first_scheduled_time is None:
-            self._num_queued -= 1
-            metrics.REQUESTS_WAITING.labels(*self._labels).dec()
+    def _finish(self, seq: Sequence, reason: FinishReason, error: EngineError | None = None,
+                delta: TextDelta | None = None) -> RequestOutput:
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self._sequences.pop(seq.request_id, None)
-        end = time.perf_counter()
-        total = end - seq.arrival_time
-        metrics.record_request_end(PARADIGM, self.name, reason, total)
-        events.append((seq.handle, EngineEvent("done", self._result(seq, end))))
+        del self._sequences[seq.request_id]
+        return RequestOutput(seq.request_id, delta=delta, result=self._result(seq, reason, error))
 
-    def _result(self, seq: Sequence, end: float) -> dict[str, Any]:
-        started = seq.first_scheduled_time or end
-        result: dict[str, Any] = {
-            "text": seq.detokenizer.text,
-            "token_ids": seq.output_token_ids,
-            "finish_reason": seq.finish_reason,
-            "usage": {"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": seq.num_output_tokens},
-            "timings": {
-                "queue_s": round(started - seq.arrival_time, 6),
-                "ttft_s": round(seq.first_token_time - seq.arrival_time, 6) if seq.first_token_time else None,
-                "total_s": round(end - seq.arrival_time, 6),
-            },
-            "cached_prompt_tokens": seq.num_cached_prompt_tokens,
-        }
-        if seq.params.logprobs is not None:
-            result["logprobs"] = [self._logprob_json(entry) for entry in seq.output_logprobs]
+    def _result(self, seq: Sequence, reason: FinishReason, error: EngineError | None) -> TextResult:
+        prompt_logprobs = None
         if seq.params.prompt_logprobs:
             ids = seq.prompt_token_ids
             values: list[float | None] = [None, *seq.prompt_logprobs]
-            result["prompt_logprobs"] = [
-                {"token_id": ids[i], "token": self.tokenizer.decode([ids[i]], skip_special_tokens=False),
-                 "logprob": values[i] if i < len(values) else None}
-                for i in range(len(ids))
-            ]
-        return result
+            prompt_logprobs = tuple(
+                PromptTokenLogprob(ids[i], self._token_text(ids[i]), values[i] if i < len(values) else None)
+                for i in range(len(ids)))
+        return TextResult(
+            text=seq.detokenizer.text, token_ids=tuple(seq.output_token_ids), finish_reason=reason,
+            prompt_tokens=seq.num_prompt_tokens, cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            logprobs=tuple(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs, error=error)
 
-    def _logprob_json(self, entry: TokenLogprob) -> dict[str, Any]:
-        decode = self.tokenizer.decode
-        return {
-            "token_id": entry.token_id, "token": decode([entry.token_id], skip_special_tokens=False),
-            "logprob": entry.logprob,
-            "top_logprobs": [{"token_id": t, "token": decode([t], skip_special_tokens=False), "logprob": lp}
-                             for t, lp in entry.top],
-        }
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _update_gauges(self) -> None:
-        metrics.REQUESTS_RUNNING.labels(*self._labels).set(len(self.scheduler.running))
-        metrics.KV_CACHE_USAGE.labels(*self._labels).set(self.kv_cache.usage)
-
-    def _flush(self, events: list[tuple[RequestHandle, EngineEvent]]) -> None:
-        if events:
-            deliver(events)
-
-    def fail_all(self, error: BaseException) -> None:
-        """A step raised: end every request with an error event, free everything."""
-        events: list[tuple[RequestHandle, EngineEvent]] = []
-        self._drain_intake(events)
-        message = f"{type(error).__name__}: {error}"
-        for seq in list(self._sequences.values()):
-            self._finish(seq, "error", events)
-            events[-1] = (seq.handle, EngineEvent("error", {"error": {"type": "engine_error",
-                                                                      "message": message},
-                                                            **events[-1][1].data}))
-        self._update_gauges()
-        self._flush(events)
+    def _token_logprob(self, token_id: int, logprob: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        chosen, top = logprob
+        return TokenLogprob(token_id, self._token_text(token_id), chosen,
+                            tuple(TopLogprob(t, self._token_text(t), lp) for t, lp in top))

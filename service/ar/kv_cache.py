@@ -90,10 +90,6 @@ class KVCacheManager:
         self._block_hashes[seq.request_id] = hashes
         return len(hashes) * self.block_size
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= len(self._free)
-
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow the block table to hold ``num_new_tokens`` more tokens. False if the pool is short."""
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
@@ -132,9 +128,3 @@ class KVCacheManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._block_hashes.pop(seq.request_id, None)
-
-    def reset_prefix_cache(self) -> None:
-        for block_hash, block_id in list(self._cached.items()):
-            if self._blocks[block_id].ref_count == 0:
-                self._blocks[block_id].content_hash = None
-                del self._cached[block_hash]

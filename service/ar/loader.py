@@ -33,12 +33,6 @@ class LoadedCausalLM:
     eos_token: str | None = None
 
 
-def is_causal_lm_folder(path: Path) -> bool:
-    """Cheap check: an HF model folder (has config.json) that is not a diffusers pipeline."""
-    path = Path(path)
-    return (path / "config.json").is_file() and not (path / "model_index.json").exists()
-
-
 def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedCausalLM:
     path = Path(path)
     if not path.is_dir():

@@ -33,10 +33,6 @@ class ModelRunner:
             for _ in range(model.num_layers)
         ]
 
-    @staticmethod
-    def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
-        return 2 * model.num_layers * model.num_kv_heads * model.head_dim * torch.finfo(dtype).bits // 8
-
     @torch.inference_mode()
     def execute(self, entries: list[tuple[Sequence, int]]) -> StepLogits:
         slices = [

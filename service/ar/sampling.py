@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.ar.sequence import SamplingParams
+from service.ar.params import SamplingParams
 
 
 @dataclass
@@ -21,6 +21,9 @@ class SampledTokens:
     token_ids: list[int]
     # per row: (logprob of the chosen token, top-n [(token, logprob)]) when asked for, else None
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    # rows whose logits were not finite after processing (a NaN from the model, an overflowing penalty):
+    # their token is meaningless and the request must fail, not receive it
+    invalid_rows: list[int]
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: list[float],
@@ -29,6 +32,23 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: 
         ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
         values = logits[row, ids]
         logits[row, ids] = torch.where(values > 0, values / penalty, values * penalty)
+
+
+def _apply_output_penalties(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
+                            output_token_ids: list[list[int]]) -> None:
+    """OpenAI's presence and frequency penalties: ``logit -= frequency * count + presence * (count > 0)``."""
+    for row, p, output in zip(rows, params, output_token_ids):
+        if not output:
+            continue
+        ids, counts = torch.tensor(output, dtype=torch.long, device=logits.device).unique(return_counts=True)
+        logits[row, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> None:
+    for row, p in zip(rows, params):
+        ids = torch.tensor([token for token, _ in p.logit_bias], dtype=torch.long, device=logits.device)
+        biases = torch.tensor([bias for _, bias in p.logit_bias], dtype=logits.dtype, device=logits.device)
+        logits[row].index_add_(0, ids, biases)
 
 
 def _filter_top_k_top_p_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -50,18 +70,31 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, params: list[SamplingParams]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           seen_token_ids: list[list[int]]) -> SampledTokens:
-    """``logits`` [B, V] float32 -> one token per row."""
+           seen_token_ids: list[list[int]], num_prompt_tokens: list[int] | None = None) -> SampledTokens:
+    """``logits`` [B, V] float32 -> one token per row. ``seen_token_ids[i]`` is row i's prompt + output;
+    its first ``num_prompt_tokens[i]`` are the prompt (presence/frequency penalties skip them)."""
     batch_size = logits.shape[0]
     want_logprobs = [p.logprobs is not None for p in params]
     raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
 
     penalized = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-    if penalized:
+    output_penalized = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if penalized or output_penalized or biased:
         logits = logits.clone()
+    if penalized:
         _apply_repetition_penalty(logits, penalized, [params[i].repetition_penalty for i in penalized],
                                   [seen_token_ids[i] for i in penalized])
+    if output_penalized:
+        prompt_lengths = num_prompt_tokens or [0] * batch_size
+        _apply_output_penalties(logits, output_penalized, [params[i] for i in output_penalized],
+                                [seen_token_ids[i][prompt_lengths[i]:] for i in output_penalized])
+    if biased:
+        _apply_logit_bias(logits, biased, [params[i] for i in biased])
 
+    # -inf is a legal logit (a masked token); NaN or +inf is not, and would turn the softmax into NaN
+    invalid = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)
+    invalid_rows = invalid.nonzero().flatten().tolist() if bool(invalid.any()) else []
     chosen = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:
@@ -73,6 +106,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in row_params):
             scaled = _filter_top_k_top_p_min_p(scaled, row_params)
         probs = scaled.softmax(dim=-1)
+        overflowed = probs.isnan().any(dim=-1)
+        if bool(overflowed.any()):
+            invalid_rows = sorted(set(invalid_rows) | {random_rows[i] for i in overflowed.nonzero().flatten().tolist()})
         uniform = torch.empty_like(probs)
         for position, row in enumerate(random_rows):
             torch.rand(probs.shape[-1], generator=generators[row], out=uniform[position])
@@ -94,4 +130,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             if p.logprobs and top_ids_list is not None and top_values_list is not None:
                 top = list(zip(top_ids_list[row][:p.logprobs], top_values_list[row][:p.logprobs]))
             logprobs[row] = (chosen_logprobs[row], top)
-    return SampledTokens(token_ids, logprobs)
+    return SampledTokens(token_ids, logprobs, invalid_rows)

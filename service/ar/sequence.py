@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from service.ar.detokenize import IncrementalDetokenizer
-from service.runtime.requests import RequestHandle
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # top-n per generated token
-    prompt_logprobs: bool = False
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from service.ar.outputs import TokenLogprob
+from service.ar.params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -38,18 +19,10 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    handle: RequestHandle
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
@@ -60,10 +33,7 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
     finish_reason: str | None = None
-    arrival_time: float = field(default_factory=time.perf_counter)
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
+    started: bool = False  # scheduled at least once
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Decoded images -> PNG (base64) for responses, and small preview strips for progress events."""
+"""Decoded images -> PNG bytes for results, and small preview strips for progress events."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def _pil_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels[..., 0] if channels == 1 else pixels))
 
 
-def png_base64(pixels: np.ndarray) -> str:
+def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     _pil_image(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
-def preview_png_base64(pixels: np.ndarray, max_side: int) -> str:
+def preview_png_bytes(pixels: np.ndarray, max_side: int) -> bytes:
     """A request's images, (N, H, W, C) uint8, side by side, each shrunk to at most ``max_side`` pixels."""
     tiles = [_pil_image(image) for image in pixels]
     width, height = tiles[0].size
@@ -46,11 +46,11 @@ def preview_png_base64(pixels: np.ndarray, max_side: int) -> str:
         strip.paste(tile, (index * tile_size[0], 0))
     buffer = io.BytesIO()
     strip.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
 def decode_png_base64(data: str) -> np.ndarray:
-    """The inverse of ``png_base64``: (H, W, C) uint8 (tests and clients)."""
+    """A base64 PNG, as responses carry it -> (H, W, C) uint8 (tests and clients)."""
     image = Image.open(io.BytesIO(base64.b64decode(data)))
     array = np.asarray(image)
     return array[..., None] if array.ndim == 2 else array

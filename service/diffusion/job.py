@@ -8,7 +8,6 @@ import torch
 
 from service.diffusion.pipelines import Conditioning, PreparedPrompt
 from service.diffusion.schedulers import SamplerKind, SamplerState
-from service.runtime.requests import RequestHandle
 
 
 @dataclass(eq=False)
@@ -22,7 +21,7 @@ class ImageRow:
 
 @dataclass(eq=False)
 class ImageJob:
-    handle: RequestHandle
+    request_id: str
     prompt: PreparedPrompt
     sampler: SamplerKind
     steps: int
@@ -33,15 +32,9 @@ class ImageJob:
     height: int
     latent_shape: tuple[int, ...]
     preview_every: int | None
-    arrival_time: float
     rows: list[ImageRow] = field(default_factory=list)  # filled when the job joins the batch
     conditioning: Conditioning | None = None
-    first_scheduled_time: float | None = None
     finished: bool = False
-
-    @property
-    def request_id(self) -> str:
-        return self.handle.request_id
 
     @property
     def cost(self) -> int:

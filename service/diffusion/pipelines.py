@@ -22,16 +22,14 @@ Two kinds of folder are served; the networks are diffusers / transformers classe
   negative prompt, or "" when there is none; latents are decoded with ``latents / scaling_factor``.
 
 Every pipeline offers the same small interface (:class:`DenoisingPipeline`), so the engine does
-not care which kind it runs. Prompts are resolved on the HTTP side (``prepare_prompt``: label
-lookup or tokenization, cheap, raises ``RequestRejected``); everything that runs a network
-(``encode``, ``predict``, ``decode``) runs in the device worker's thread.
+not care which kind it runs. ``prepare_prompt`` (label lookup or tokenization, cheap, raises
+``InvalidRequest``) runs at admission; ``encode``, ``predict`` and ``decode`` run the networks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +37,7 @@ from typing import Any, Protocol
 import torch
 
 from service.diffusion.schedulers import NoiseSchedule, SamplerKind
-from service.runtime.requests import RequestRejected
+from service.common.errors import InvalidRequest, UnknownLabel, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +83,8 @@ class DenoisingPipeline(Protocol):
     warmup_prompt: str
     description: str
 
+    def describe(self) -> dict[str, object]: ...
+
     def check_size(self, width: int, height: int, max_side: int) -> None: ...
 
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]: ...
@@ -99,8 +99,8 @@ class DenoisingPipeline(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
 
-def _reject(message: str, error_type: str = "validation_error") -> RequestRejected:
-    return RequestRejected(message, status_code=422, error_type=error_type)
+def _reject(message: str) -> InvalidRequest:
+    return InvalidRequest(message)
 
 
 def _as_height_width(sample_size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -136,6 +136,14 @@ class PixelUNetPipeline:
         kind = "class-conditional" if self.class_conditional else "unconditional"
         self.description = f"{kind} UNet2DModel {width}x{height}x{self.channels}"
 
+    def describe(self) -> dict[str, object]:
+        """What a client may send: the labels (empty prompt allowed when there is a null class)."""
+        return {"kind": "class_conditional" if self.class_conditional else "unconditional",
+                "labels": list(self.labels) if self.class_conditional else [],
+                "prompt_templates": list(self.prompt_templates),
+                "unconditional_allowed": not self.class_conditional or self.null_class is not None,
+                "sample_size": list(self.default_size), "default_guidance_scale": self.default_guidance_scale}
+
     def check_size(self, width: int, height: int, max_side: int) -> None:
         if (width, height) != self.default_size:
             raise _reject(f"this model generates {self.default_size[0]}x{self.default_size[1]} images only; "
@@ -161,14 +169,14 @@ class PixelUNetPipeline:
     def _class_index(self, prompt: str) -> int:
         index = self._class_of_label.get(_normalize_prompt(prompt))
         if index is None:
-            raise self._unknown_label(prompt, f"unknown label {prompt.strip()!r}")
+            raise self._unknown_label(prompt, f"unknown label {shorten(prompt.strip())!r}")
         return index
 
-    def _unknown_label(self, prompt: str, reason: str) -> RequestRejected:
+    def _unknown_label(self, prompt: str, reason: str) -> UnknownLabel:
         empty = " (or an empty prompt for unconditional samples)" if self.null_class is not None else ""
         forms = [template for template in self.prompt_templates if template != LABEL_PLACEHOLDER]
         also = f" (also written as {forms})" if forms else ""
-        return _reject(f"{reason}; valid labels: {list(self.labels)}{also}{empty}", "unknown_label")
+        return UnknownLabel(f"{reason}; valid labels: {list(self.labels)}{also}{empty}")
 
     @staticmethod
     def _class_tensor(index: int) -> torch.Tensor:
@@ -211,8 +219,11 @@ class TextToImagePipeline:
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.use_attention_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-        self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self.description = f"text-to-image UNet2DConditionModel, default {self.default_size[0]}x{self.default_size[1]}"
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "text_to_image", "sample_size": list(self.default_size), "size_multiple": self.size_multiple,
+                "default_guidance_scale": self.default_guidance_scale}
 
     def check_size(self, width: int, height: int, max_side: int) -> None:
         for name, value in (("width", width), ("height", height)):
@@ -228,9 +239,8 @@ class TextToImagePipeline:
         return PreparedPrompt(self._token_ids(prompt), self._token_ids(negative_prompt or ""))
 
     def _token_ids(self, text: str) -> torch.Tensor:
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt")
+        encoded = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt")
         if self.use_attention_mask:
             return torch.stack([encoded.input_ids, encoded.attention_mask], dim=1)
         return encoded.input_ids

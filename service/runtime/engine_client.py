@@ -1,74 +1,89 @@
-"""The front end's side of the engine core: start it, submit and abort requests, route events.
+"""The front end's side of the engine core: start it, submit and abort requests, route outputs.
 
-A reader thread blocks on the core's pipe and hands each message to the event
-loop with one ``call_soon_threadsafe``; per step that is one message for all
-running requests. Routes see a :class:`ClientHandle` with an asyncio queue.
+A reader thread blocks on the core's pipe and hands each message to the event loop with one
+``call_soon_threadsafe``; per step that is one message for all running requests. A route sees a
+:class:`RequestStream`: the outputs of its one request, in order, ending with a finished one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
+from service.common.errors import EngineUnavailable
+from service.common.outputs import RequestOutput
 from service.runtime.engine_core import run_engine_core
-from service.runtime.requests import EngineEvent, QueueFull, RequestRejected, new_request_id
+from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreReady, EngineParams,
+                                      FrontEndMessage, Heartbeat, ModelInfo, Rejected, Shutdown, StepOutputs)
 from service.settings import Settings
+
+_request_counter = itertools.count()
+
+
+def new_request_id(prefix: str = "gen") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}{next(_request_counter):x}"
+
+
+class Disconnected:
+    """Put in a stream's queue when its client goes away, to wake up the reader."""
+
+
+DISCONNECTED = Disconnected()
 
 
 @dataclass(eq=False)
-class ClientHandle:
+class RequestStream:
     request_id: str
     model: str
     paradigm: str
     client: EngineClient
-    arrival_time: float = field(default_factory=time.perf_counter)
-    _queue: asyncio.Queue[EngineEvent] = field(default_factory=asyncio.Queue)
+    arrival_time: float = field(default_factory=time.monotonic)
+    _queue: asyncio.Queue[RequestOutput | Disconnected] = field(default_factory=asyncio.Queue)
     finished: bool = False
     cancelled: bool = False
 
-    async def next_event(self) -> EngineEvent:
-        event = await self._queue.get()
-        if event.is_final:
-            self.finished = True
-        return event
-
-    def pending_events(self) -> list[EngineEvent]:
-        """Events already delivered and not yet read, without waiting."""
-        events: list[EngineEvent] = []
-        while not self._queue.empty():
-            event = self._queue.get_nowait()
-            events.append(event)
-            if event.is_final:
-                self.finished = True
+    async def next_outputs(self) -> list[RequestOutput] | Disconnected:
+        """Wait for at least one output; return it with every other one already delivered."""
+        first = await self._queue.get()
+        if isinstance(first, Disconnected):
+            return first
+        outputs = [first]
+        while not first.finished and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, Disconnected):
+                return item
+            outputs.append(item)
+            if item.finished:
                 break
-        return events
+        if outputs[-1].finished:
+            self.finished = True
+        return outputs
 
     def notify_disconnect(self) -> None:
-        """Called on the event loop when the client goes away: wakes up the reader."""
-        self._queue.put_nowait(EngineEvent("disconnect", {}))
+        self._queue.put_nowait(DISCONNECTED)
 
     def cancel(self) -> None:
+        """Ask the core to drop this request; safe to call more than once."""
         if not self.finished and not self.cancelled:
             self.cancelled = True
             self.client.abort(self)
 
 
-class EngineCoreDied(RuntimeError):
-    pass
-
-
 class EngineClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.models: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, ModelInfo] = {}
         self.load_error: str | None = None
         self.ready = asyncio.Event()
-        self._handles: dict[str, ClientHandle] = {}
+        self.core_pid: int | None = None
+        self.last_heartbeat: Heartbeat | None = None
+        self._streams: dict[str, RequestStream] = {}
         self._admissions: dict[str, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
@@ -79,7 +94,7 @@ class EngineClient:
                                         name="genserve-engine-core", daemon=True)
         self._child_ends = (command_reader, result_writer)
 
-    # ---- lifecycle -----------------------------------------------------------------------------
+    # ---- lifecycle -------------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -95,105 +110,118 @@ class EngineClient:
     def alive(self) -> bool:
         return self._process.is_alive()
 
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         try:
-            self._send(("shutdown",))
-        except (OSError, EngineCoreDied):
+            self._send(Shutdown())
+        except (OSError, EngineUnavailable):
             pass
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(timeout)
 
-    # ---- requests ------------------------------------------------------------------------------
+    # ---- requests --------------------------------------------------------------------------------
 
-    def paradigm_of(self, model: str) -> str:
-        return str(self.models[model]["paradigm"])
-
-    async def submit(self, model: str, payload: dict[str, Any]) -> ClientHandle:
-        """Queue a validated request. Raises ``QueueFull`` or ``RequestRejected`` as the core decides."""
+    async def submit(self, model: str, params: EngineParams, timeout_s: float | None = None,
+                     max_queue_wait_s: float | None = None, request_id: str | None = None) -> RequestStream:
+        """Queue a request; raises the ``EngineError`` the core answers with (``QueueFull``, ...)."""
         loop = asyncio.get_running_loop()
-        handle = ClientHandle(new_request_id("gen"), model, self.paradigm_of(model), self)
+        info = self.models[model]
+        stream = RequestStream(request_id or new_request_id("gen" if info.paradigm == "autoregressive" else "img"),
+                               model, info.paradigm, self)
         admitted: asyncio.Future[None] = loop.create_future()
-        self._handles[handle.request_id] = handle
-        self._admissions[handle.request_id] = admitted
+        self._streams[stream.request_id] = stream
+        self._admissions[stream.request_id] = admitted
         try:
-            self._send(("add", handle.request_id, model, payload))
+            self._send(AddRequest(stream.request_id, model, params, stream.arrival_time, timeout_s, max_queue_wait_s))
             await admitted
         except BaseException:
-            self._handles.pop(handle.request_id, None)
-            self._admissions.pop(handle.request_id, None)
+            self._streams.pop(stream.request_id, None)
+            self._admissions.pop(stream.request_id, None)
             rejected = admitted.done() and not admitted.cancelled() and admitted.exception() is not None
             if not rejected:
-                self.abort(handle)  # e.g. the client left while we waited for admission
+                self.abort(stream)  # e.g. the client left while we waited for admission
             raise
-        return handle
+        return stream
 
-    def abort(self, handle: ClientHandle) -> None:
+    def abort(self, stream: RequestStream) -> None:
         try:
-            self._send(("abort", handle.model, handle.request_id))
-        except (OSError, EngineCoreDied):
+            self._send(AbortRequest(stream.request_id, stream.model))
+        except (OSError, EngineUnavailable):
             pass
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: FrontEndMessage) -> None:
         if not self._process.is_alive():
-            raise EngineCoreDied("the engine core process is not running")
+            raise EngineUnavailable("the engine core is not running")
         with self._send_lock:
             self._commands.send(message)
 
-    # ---- results (reader thread -> event loop) -------------------------------------------------
+    # ---- results (reader thread -> event loop) ---------------------------------------------------
 
     def _read_results(self) -> None:
         assert self._loop is not None
         while True:
             try:
-                message = self._results.recv()
+                message: object = self._results.recv()
             except (EOFError, OSError):
-                message = ("core_exited",)
+                message = None
             if self._loop.is_closed():
                 return
             self._loop.call_soon_threadsafe(self._dispatch, message)
-            if message[0] == "core_exited":
+            if message is None:
                 return
 
-    def _dispatch(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "events":
-            handles = self._handles
-            for request_id, event_kind, data in message[1]:
-                handle = handles.get(request_id)
-                if handle is None:
-                    continue
-                event = EngineEvent(event_kind, data)
-                handle._queue.put_nowait(event)
-                if event.is_final:
-                    del handles[request_id]
-        elif kind == "admitted":
-            future = self._admissions.pop(message[1], None)
-            if future is not None and not future.done():
-                future.set_result(None)
-        elif kind == "rejected":
-            _, request_id, status, error_type, text = message
-            self._handles.pop(request_id, None)
-            future = self._admissions.pop(request_id, None)
-            if future is not None and not future.done():
-                error: Exception = QueueFull(text) if status == 503 else RequestRejected(text, status, error_type)
-                future.set_exception(error)
-        elif kind == "ready":
-            self.models = {entry["name"]: entry for entry in message[1]}
-            self.ready.set()
-        elif kind == "load_error":
-            self.load_error = message[1]
-        elif kind == "core_exited":
-            self._fail_everything("the engine core process exited")
+    def _dispatch(self, message: object) -> None:
+        match message:
+            case StepOutputs(outputs=outputs):
+                streams = self._streams
+                for output in outputs:
+                    stream = streams.get(output.request_id)
+                    if stream is None:
+                        continue
+                    stream._queue.put_nowait(output)
+                    if output.finished:
+                        del streams[output.request_id]
+            case Heartbeat():
+                self.last_heartbeat = message
+            case Admitted(request_id=request_id):
+                future = self._admissions.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            case Rejected(request_id=request_id, error=error):
+                self._streams.pop(request_id, None)
+                future = self._admissions.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            case CoreReady(models=models, pid=pid):
+                self.models = {info.name: info for info in models}
+                self.core_pid = pid
+                self.ready.set()
+            case CoreFailed(message=text):
+                self.load_error = text
+            case None:
+                self._fail_everything("the engine core process exited")
 
     def _fail_everything(self, reason: str) -> None:
         if self.load_error is None and not self.ready.is_set():
             self.load_error = reason
         for future in self._admissions.values():
             if not future.done():
-                future.set_exception(EngineCoreDied(reason))
+                future.set_exception(EngineUnavailable(reason))
         self._admissions.clear()
-        for handle in self._handles.values():
-            handle._queue.put_nowait(EngineEvent("error", {"error": {"type": "engine_error", "message": reason}}))
-        self._handles.clear()
+        for stream in self._streams.values():
+            stream._queue.put_nowait(RequestOutput(stream.request_id, result=EngineGone(EngineUnavailable(reason))))
+        self._streams.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineGone:
+    """The result of a request whose engine core died under it."""
+
+    error: EngineUnavailable
+    finish_reason: str = "error"
+

@@ -1,19 +1,13 @@
-"""The engine-core process: models, engines and the device worker, away from the HTTP process.
+"""The engine-core process: models, engines and the device loop, away from the HTTP process.
 
-Why a process: Python runs one thread at a time per process. With the step loop and
-the asyncio server in one process, every millisecond the server spends on HTTP and
-SSE is a millisecond the step loop waits (measured: about 30 % of throughput at 32
-streams on 2 cores). As in vLLM v1, the API front end and the engine core each get
-their own interpreter and talk over two pipes:
+Why a process: Python runs one thread at a time per process. With the step loop and the asyncio
+server in one process, every millisecond the server spends on HTTP and SSE is a millisecond the
+step loop waits (measured: about 30 % of throughput at 32 streams on 2 cores). As in vLLM v1,
+the API front end and the engine core each get their own interpreter and talk over two pipes,
+with the typed messages of ``messages.py``.
 
-    front end -> core:  ("add", request_id, model, payload) | ("abort", model, request_id) | ("shutdown",)
-    core -> front end:  ("ready", models) | ("load_error", message)
-                        ("admitted", request_id) | ("rejected", request_id, status, type, message)
-                        ("events", [(request_id, kind, data), ...])      one message per engine step
-
-One thread does everything: between step cycles it admits new requests
-(tokenize, validate, queue) and applies aborts, then runs the engines' steps. Payloads are validated request bodies
-(plain dicts), so the pipe carries no tensors.
+One thread does everything: between step cycles it reads the front end's messages (admit,
+abort, shut down), then runs the engines' steps; each step's outputs go back as one message.
 """
 
 from __future__ import annotations
@@ -21,42 +15,40 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import time
 from multiprocessing.connection import Connection
-from typing import Any
 
-from service.runtime.adapters import submit_to_engine
-from service.runtime.registry import ModelRegistry
-from service.runtime.requests import EngineEvent, QueueFull, RequestHandle, RequestRejected
+from service.common.errors import EngineError
+from service.common.outputs import RequestOutput
+from service.runtime.lifecycle import ServedEngine
+from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreMessage, CoreReady,
+                                      Heartbeat, Rejected, Shutdown, StepOutputs)
+from service.runtime.registry import load_engines
 from service.runtime.warmup import warm_up
 from service.runtime.worker import DeviceWorker
 from service.settings import Settings
 
 logger = logging.getLogger("genserve.core")
+HEARTBEAT_INTERVAL_S = 0.5
 
 
-class PipeSink:
-    """Sends one engine step's events to the front end in one message."""
+class CoreLoop:
+    """Reads the front end's messages between cycles, in the device loop's own thread."""
 
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection  # only the device loop's thread sends
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        self._connection.send(message)
-
-    def put_many(self, items: list[tuple[RequestHandle, EngineEvent]]) -> None:
-        self.send(("events", [(handle.request_id, event.kind, event.data) for handle, event in items]))
-
-
-class CommandReader:
-    """Reads the front end's commands; runs in the device loop's own thread, between cycles."""
-
-    def __init__(self, commands: Connection, registry: ModelRegistry, settings: Settings, sink: PipeSink,
+    def __init__(self, commands: Connection, results: Connection, engines: dict[str, ServedEngine],
                  worker: DeviceWorker) -> None:
         self._commands = commands
-        self._registry = registry
-        self._settings = settings
-        self._sink = sink
+        self._results = results
+        self._engines = engines
         self._worker = worker
+        self._last_heartbeat = 0.0
+
+    def send(self, message: CoreMessage) -> None:
+        self._results.send(message)
+
+    def emit(self, outputs: list[RequestOutput]) -> None:
+        self.send(StepOutputs(tuple(outputs)))
 
     def __call__(self, timeout: float) -> None:
         try:
@@ -65,57 +57,70 @@ class CommandReader:
                 self._handle(self._commands.recv())
         except (EOFError, OSError):
             self._worker.stop()  # the front end is gone
+        self._maybe_heartbeat()
 
-    def _handle(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "shutdown":
-            self._worker.stop()
-        elif message[0] == "abort":
-            _, model, request_id = message
-            if model in self._registry.models:
-                self._registry.models[model].engine.abort(request_id)
-        else:
-            self._admit(*message[1:])
+    def _maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            self._last_heartbeat = now
+            pending = sum(engine.num_requests for engine in self._engines.values())
+            self.send(Heartbeat(sum(self._worker.steps_run.values()), pending, now))
 
-    def _admit(self, request_id: str, model: str, payload: dict[str, Any]) -> None:
-        sink = self._sink
+    def _handle(self, message: object) -> None:
+        match message:
+            case AddRequest():
+                self._admit(message)
+            case AbortRequest(request_id=request_id, model=model):
+                if model in self._engines:
+                    self._engines[model].abort(request_id)
+            case Shutdown():
+                self._worker.stop()
+            case _:
+                logger.error("ignored an unknown message of type %s", type(message).__name__)
+
+    def _admit(self, message: AddRequest) -> None:
         try:
-            engine = self._registry.models[model].engine
-            submit_to_engine(engine, payload, self._settings, sink, request_id)
-        except QueueFull as error:
-            sink.send(("rejected", request_id, 503, "overloaded", f"queue is full ({error}); retry later"))
-        except RequestRejected as error:
-            sink.send(("rejected", request_id, error.status_code, error.error_type, str(error)))
-        except Exception as error:  # never let one request stop the loop
-            logger.exception("admission of %s failed", request_id)
-            sink.send(("rejected", request_id, 500, "internal_error", f"{type(error).__name__}: {error}"))
+            engine = self._engines[message.model]
+            engine.submit(message.request_id, message.params, message.arrival_time, message.timeout_s,
+                          message.max_queue_wait_s)
+        except EngineError as error:
+            self.send(Rejected(message.request_id, error))
+        except Exception:  # never let one request stop the loop
+            logger.exception("admission of %s failed", message.request_id)
+            self.send(Rejected(message.request_id, EngineError(
+                f"the engine could not admit this request (see the server log for {message.request_id})")))
         else:
-            sink.send(("admitted", request_id))
+            self.send(Admitted(message.request_id))
 
 
 def run_engine_core(settings: Settings, commands: Connection, results: Connection) -> None:
     """Entry point of the child process."""
     import torch
 
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    threads = settings.resolved_cpu_threads()
+    # Ctrl-C and SIGTERM to the process group reach us too: the front end drains and then stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     split = settings.cpu_split()
     if split is not None:
         os.sched_setaffinity(0, split[0])
-    torch.set_num_threads(threads)
-    sink = PipeSink(results)
+    torch.set_num_threads(settings.resolved_cpu_threads())
     worker = DeviceWorker()
-    registry = ModelRegistry()
+    served: dict[str, ServedEngine] = {}
+    loop = CoreLoop(commands, results, served, worker)
     try:
-        registry.load(settings, worker)
-        for loaded in registry.models.values():
-            warm_up(loaded.engine)
+        engines, infos = load_engines(settings)
+        for engine in engines:
+            warm_up(engine)
     except Exception as error:
         logger.exception("model loading failed")
-        sink.send(("load_error", f"{type(error).__name__}: {error}"))
+        loop.send(CoreFailed(f"{type(error).__name__}: {error}"))
         commands.recv()  # wait for the front end to shut us down
         return
-    sink.send(("ready", registry.describe()))
-    logger.info(json.dumps({"event": "engine_core_ready", "models": list(registry.models),
-                            "pid": os.getpid()}))
-    worker.run(CommandReader(commands, registry, settings, sink, worker))
+    for engine in engines:
+        served[engine.name] = ServedEngine(engine, settings.max_queue, loop.emit)
+        share = settings.ar_steps_per_cycle if engine.paradigm == "autoregressive" else settings.diffusion_steps_per_cycle
+        worker.add_engine(served[engine.name], share)
+    loop.send(CoreReady(tuple(infos), os.getpid()))
+    logger.info(json.dumps({"event": "engine_core_ready", "models": list(served), "pid": os.getpid()}))
+    worker.run(loop)

@@ -11,6 +11,8 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
+from service.common.outputs import StepStats
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -79,19 +81,73 @@ HTTP_REJECTIONS = Counter(
     "genserve_http_rejections", "Requests rejected before reaching an engine", ["status"], registry=REGISTRY)
 
 
-def record_request_end(paradigm: str, model: str, outcome: str, duration_s: float) -> None:
-    REQUEST_DURATION.labels(paradigm, model, outcome).observe(duration_s)
-    REQUESTS_TOTAL.labels(paradigm, model, outcome).inc()
+class EngineRecorder:
+    """Records one engine's series from what its steps report (``service/runtime/lifecycle.py``).
 
+    Creates every series up front so dashboards see zeros, not gaps.
+    """
 
-def register_engine_labels(paradigm: str, model: str, per_engine: tuple[object, ...]) -> None:
-    """Create an engine's series up front so dashboards see zeros, not gaps."""
-    for metric in per_engine:
-        metric.labels(paradigm, model)  # type: ignore[attr-defined]
+    def __init__(self, paradigm: str, model: str) -> None:
+        labels = (paradigm, model)
+        self._labels = labels
+        self._queue_wait = QUEUE_WAIT.labels(*labels)
+        self._batch_size = BATCH_SIZE.labels(*labels)
+        self._running = REQUESTS_RUNNING.labels(*labels)
+        self._waiting = REQUESTS_WAITING.labels(*labels)
+        self._ar = paradigm == "autoregressive"
+        if self._ar:
+            self._ttft = TIME_TO_FIRST_TOKEN.labels(*labels)
+            self._itl = INTER_TOKEN_LATENCY.labels(*labels)
+            self._kv_usage = KV_CACHE_USAGE.labels(*labels)
+            self._prompt_tokens = PROMPT_TOKENS.labels(*labels)
+            self._generated = GENERATED_TOKENS.labels(*labels)
+            self._prefix_hits = PREFIX_CACHE_HIT_TOKENS.labels(*labels)
+            self._preemptions = PREEMPTIONS.labels(*labels)
+        else:
+            self._denoise_step = DENOISE_STEP.labels(*labels)
+            self._denoise_steps = DENOISE_STEPS.labels(*labels)
+            self._images = IMAGES.labels(*labels)
 
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
 
-AR_ENGINE_METRICS = (QUEUE_WAIT, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, BATCH_SIZE, REQUESTS_RUNNING,
-                     REQUESTS_WAITING, KV_CACHE_USAGE, PROMPT_TOKENS, GENERATED_TOKENS, PREFIX_CACHE_HIT_TOKENS,
-                     PREEMPTIONS)
-DIFFUSION_ENGINE_METRICS = (QUEUE_WAIT, BATCH_SIZE, DENOISE_STEP, REQUESTS_RUNNING, REQUESTS_WAITING, DENOISE_STEPS,
-                            IMAGES)
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
+
+    def request_end(self, outcome: str, seconds: float) -> None:
+        REQUEST_DURATION.labels(*self._labels, outcome).observe(seconds)
+        REQUESTS_TOTAL.labels(*self._labels, outcome).inc()
+
+    def step(self, stats: StepStats) -> None:
+        if stats.batch_size:
+            self._batch_size.observe(stats.batch_size)
+        self._running.set(stats.running)
+        self._waiting.set(stats.waiting)
+        if self._ar:
+            if stats.kv_cache_usage is not None:
+                self._kv_usage.set(stats.kv_cache_usage)
+            if stats.prompt_tokens_admitted:
+                self._prompt_tokens.inc(stats.prompt_tokens_admitted)
+            if stats.generated_tokens:
+                self._generated.inc(stats.generated_tokens)
+            if stats.prefix_hit_tokens:
+                self._prefix_hits.inc(stats.prefix_hit_tokens)
+            if stats.preemptions:
+                self._preemptions.inc(stats.preemptions)
+        else:
+            if stats.denoise_seconds is not None:
+                self._denoise_step.observe(stats.denoise_seconds)
+            if stats.denoise_rows:
+                self._denoise_steps.inc(stats.denoise_rows)
+            if stats.images:
+                self._images.inc(stats.images)
+
+    def retire(self) -> None:
+        """Zero the gauges (a core that is gone holds no requests and no KV blocks)."""
+        self._running.set(0)
+        self._waiting.set(0)
+        if self._ar:
+            self._kv_usage.set(0)

@@ -1,28 +1,28 @@
-"""Model folders -> paradigm -> engine, and which engine serves a request."""
+"""Model folders -> paradigm -> engine, with engine configs built from Settings in this one place."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from service.runtime.requests import RequestRejected
-from service.runtime.worker import DeviceWorker, StepEngine
+from service.ar.engine import AREngine, AREngineConfig
+from service.ar.loader import load_causal_lm
+from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+from service.diffusion.pipelines import load_diffusion_pipeline
+from service.runtime.lifecycle import Engine
+from service.runtime.messages import ModelInfo
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 AUTOREGRESSIVE = "autoregressive"
 DIFFUSION = "diffusion"
-PARADIGMS = (AUTOREGRESSIVE, DIFFUSION)
-
-
-class UnknownModel(LookupError):
-    pass
+# A model folder may carry {"request_defaults": {field: value}}: what a request that omits the field gets.
+MODEL_DEFAULTS_FILE = "genserve.json"
 
 
 def detect_paradigm(path: Path) -> str:
@@ -41,89 +41,67 @@ def detect_paradigm(path: Path) -> str:
     raise ValueError(f"{path} has neither model_index.json (diffusion) nor config.json (autoregressive)")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def build_engine(name: str, path: Path, settings: Settings, worker: DeviceWorker) -> StepEngine:
+def ar_engine_config(settings: Settings) -> AREngineConfig:
+    return AREngineConfig(
+        max_batch_size=settings.max_batch_size, kv_cache_tokens=settings.kv_cache_tokens,
+        block_size=settings.block_size, max_num_batched_tokens=settings.max_num_batched_tokens,
+        enable_prefix_caching=settings.enable_prefix_caching, max_model_len=settings.max_model_len)
+
+
+def diffusion_engine_config(settings: Settings) -> DiffusionEngineConfig:
+    return DiffusionEngineConfig(max_batch_size=settings.diffusion_max_batch_size,
+                                 max_image_side=settings.max_image_side, preview_max_side=settings.preview_max_side)
+
+
+def build_engine(name: str, path: Path, settings: Settings) -> Engine:
     paradigm = detect_paradigm(path)
     device = torch.device(settings.resolved_device())
-    dtype = _torch_dtype(settings.resolved_dtype())
+    dtype = torch_dtype(settings.resolved_dtype())
     if paradigm == AUTOREGRESSIVE:
-        from service.ar.engine import AREngine, AREngineConfig
-        from service.ar.loader import load_causal_lm
-
-        loaded = load_causal_lm(path, device, dtype)
-        config = AREngineConfig(
-            max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-            kv_cache_tokens=settings.kv_cache_tokens, block_size=settings.block_size,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            enable_prefix_caching=settings.enable_prefix_caching, max_model_len=settings.max_model_len,
-        )
-        return AREngine(name, loaded, config, device, dtype)
-    if paradigm == DIFFUSION:
-        from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
-        from service.diffusion.pipelines import load_diffusion_pipeline
-
-        pipeline = load_diffusion_pipeline(path, device, dtype)
-        diffusion_config = DiffusionEngineConfig(
-            max_batch_size=settings.diffusion_max_batch_size, max_queue=settings.max_queue,
-            max_image_side=settings.max_image_side, preview_max_side=settings.preview_max_side,
-        )
-        return DiffusionEngine(name, pipeline, diffusion_config, device, dtype)
-    raise ValueError(f"{path}: paradigm {paradigm!r} is not served")
+        return AREngine(name, load_causal_lm(path, device, dtype), ar_engine_config(settings), device, dtype)
+    return DiffusionEngine(name, load_diffusion_pipeline(path, device, dtype), diffusion_engine_config(settings),
+                           device, dtype)
 
 
-@dataclass
-class LoadedModel:
-    name: str
-    path: Path
-    engine: StepEngine
-    load_seconds: float
+def read_request_defaults(path: Path) -> dict[str, object]:
+    defaults_file = path / MODEL_DEFAULTS_FILE
+    if not defaults_file.is_file():
+        return {}
+    content = json.loads(defaults_file.read_text(encoding="utf-8"))
+    defaults = content.get("request_defaults", {}) if isinstance(content, dict) else {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"{defaults_file}: request_defaults must be an object")
+    return defaults
 
 
-class ModelRegistry:
-    def __init__(self) -> None:
-        self.models: dict[str, LoadedModel] = {}
-
-    def load(self, settings: Settings, worker: DeviceWorker) -> None:
-        for name, path in settings.models.items():
-            started = time.perf_counter()
-            engine = build_engine(name, path, settings, worker)
-            self.models[name] = LoadedModel(name, path, engine, time.perf_counter() - started)
-            share = (settings.ar_steps_per_cycle if engine.paradigm == AUTOREGRESSIVE
-                     else settings.diffusion_steps_per_cycle)
-            worker.add_engine(engine, share)
-            logger.info(json.dumps({"event": "model_loaded", "model": name, "paradigm": engine.paradigm,
-                                    "path": str(path), "load_s": round(time.perf_counter() - started, 3)}))
-
-    def describe(self) -> list[dict[str, object]]:
-        return [{"name": m.name, "paradigm": m.engine.paradigm, "path": str(m.path)}
-                for m in self.models.values()]
+def model_info(name: str, path: Path, engine: Engine, settings: Settings) -> ModelInfo:
+    details = engine.describe()
+    if engine.paradigm == AUTOREGRESSIVE:
+        defaults: dict[str, object] = {"max_tokens": settings.default_max_tokens}
+        details = {**details, "max_tokens_limit": settings.max_tokens_limit, "max_logprobs": settings.max_logprobs}
+    else:
+        scheduler = (settings.default_scheduler if settings.default_scheduler != "model"
+                     else details.get("default_scheduler"))
+        defaults = {"steps": settings.default_denoise_steps, "scheduler": scheduler,
+                    "guidance_scale": details.get("default_guidance_scale")}
+        details = {**details, "max_steps": settings.max_denoise_steps,
+                   "max_images_per_request": settings.max_images_per_request}
+    defaults.update(read_request_defaults(path))
+    return ModelInfo(name, engine.paradigm, details, defaults)
 
 
-def resolve_model(paradigms: dict[str, str], model: object, paradigm: object) -> str:
-    """Pick the model that serves a request, from ``{name: paradigm}``.
-
-    Raises ``UnknownModel`` (404) or ``RequestRejected`` (422).
-    """
-    if model is not None and not isinstance(model, str):
-        raise RequestRejected("'model' must be a string", status_code=422, error_type="validation_error")
-    if paradigm is not None and paradigm not in PARADIGMS:
-        raise RequestRejected(f"'paradigm' must be one of {list(PARADIGMS)}", status_code=422,
-                              error_type="validation_error")
-    if model is not None:
-        if model not in paradigms:
-            raise UnknownModel(f"model {model!r} is not loaded; available: {sorted(paradigms)}")
-        if paradigm is not None and paradigms[model] != paradigm:
-            raise RequestRejected(
-                f"model {model!r} is {paradigms[model]}, but the request says paradigm {paradigm!r}",
-                status_code=422, error_type="validation_error")
-        return model
-    candidates = [name for name, kind in paradigms.items() if paradigm in (None, kind)]
-    if paradigm is None and len({paradigms[name] for name in candidates}) > 1:
-        raise RequestRejected("give 'model' or 'paradigm': several paradigms are served", status_code=422,
-                              error_type="validation_error")
-    if not candidates:
-        raise UnknownModel(f"no {paradigm} model is loaded" if paradigm else "no model is loaded")
-    return candidates[0]
+def load_engines(settings: Settings) -> tuple[list[Engine], list[ModelInfo]]:
+    engines: list[Engine] = []
+    infos: list[ModelInfo] = []
+    for name, path in settings.models.items():
+        started = time.perf_counter()
+        engine = build_engine(name, path, settings)
+        engines.append(engine)
+        infos.append(model_info(name, path, engine, settings))
+        logger.info(json.dumps({"event": "model_loaded", "model": name, "paradigm": engine.paradigm,
+                                "load_s": round(time.perf_counter() - started, 3)}))
+    return engines, infos

@@ -1,17 +1,21 @@
-"""Run one small request through an engine before it takes traffic."""
+"""Run one small request through an engine before it takes traffic, outside the lifecycle:
+a warm-up is neither counted nor timed in the metrics."""
 
 from __future__ import annotations
 
-from service.runtime.worker import StepEngine
+from service.runtime.lifecycle import Engine
+
+WARMUP_REQUEST_ID = "warmup"
 
 
-def warm_up(engine: StepEngine, max_steps: int = 64) -> None:
-    handle = engine.warmup_request()  # type: ignore[attr-defined]
+def warm_up(engine: Engine, max_steps: int = 64) -> None:
+    engine.add_request(WARMUP_REQUEST_ID, engine.warmup_request())  # type: ignore[attr-defined]
     for _ in range(max_steps):
-        engine.step()
-        for event in handle.pending_events():
-            if event.kind == "error":
-                raise RuntimeError(f"warm-up of {engine.name} failed: {event.data['error']['message']}")
-            if event.is_final:
+        for output in engine.step().outputs:
+            if output.request_id == WARMUP_REQUEST_ID and output.finished:
+                error = getattr(output.result, "error", None)
+                if error is not None:
+                    raise RuntimeError(f"warm-up of {engine.name} failed: {error}") from error
                 return
+    engine.abort(WARMUP_REQUEST_ID)
     raise RuntimeError(f"warm-up of {engine.name} did not finish in {max_steps} steps")

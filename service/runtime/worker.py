@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 class StepEngine(Protocol):
+    """What the loop needs of an engine: ``service.runtime.lifecycle.ServedEngine`` provides it."""
+
     name: str
     paradigm: str
 
@@ -32,7 +34,7 @@ class StepEngine(Protocol):
 
     def step(self) -> None: ...
 
-    def fail_all(self, error: BaseException) -> None: ...
+    def fail_running(self, error: BaseException) -> None: ...
 
 
 class DeviceWorker:
@@ -64,10 +66,10 @@ class DeviceWorker:
     def _step(self, engine: StepEngine) -> None:
         try:
             engine.step()
-        except Exception as error:  # a bad step must not kill the loop
+        except Exception as error:  # a bad step fails its own requests, never the loop
             logger.exception("engine %s step failed", engine.name)
             try:
-                engine.fail_all(error)
+                engine.fail_running(error)
             except Exception:
                 logger.exception("engine %s could not fail its requests", engine.name)
         self.steps_run[engine.name] += 1

@@ -35,11 +35,16 @@ def client(server: RunningServer) -> Iterator[httpx.Client]:
         yield http
 
 
-def test_health_ready_models(client: httpx.Client) -> None:
+def test_health_ready_models(client: httpx.Client, server: RunningServer) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").status_code == 200
-    assert client.get("/models").json()["models"] == [
-        {"name": "tiny", "paradigm": "autoregressive", "path": client.get("/models").json()["models"][0]["path"]}]
+    models = client.get("/models").json()["models"]
+    assert [(m["name"], m["paradigm"]) for m in models] == [("tiny", "autoregressive")]
+    # what a client needs to build a request, and no filesystem path anywhere
+    assert models[0]["max_model_len"] == 4096
+    assert models[0]["chat_template"] is True
+    assert models[0]["defaults"] == {"max_tokens": 128}
+    assert str(server.url) not in str(models) and "/tmp" not in str(models) and "path" not in models[0]
 
 
 def test_non_streamed_response_shape(client: httpx.Client) -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.ar.loader import LoadedCausalLM, is_causal_lm_folder, load_causal_lm
+from service.ar.loader import LoadedCausalLM, load_causal_lm
+from service.runtime.registry import detect_paradigm
 from service.ar.models import MODEL_CLASSES, CausalLM, UnsupportedModelError, WeightLoadingError, create_model
 from service.ar.models.attention import SequenceSlice, build_forward_batch
 from service.ar.models.layers import rope_inverse_frequencies, rope_parameters_from_config
@@ -333,12 +334,13 @@ def test_broken_folders_raise_clear_errors(model_dirs: dict[str, Path], tmp_path
         load_causal_lm(tmp_path, CPU, torch.float32)
 
 
-def test_is_causal_lm_folder(model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    assert is_causal_lm_folder(model_dirs["gpt2"])
-    assert not is_causal_lm_folder(tmp_path)
+def test_detect_paradigm(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    assert detect_paradigm(model_dirs["gpt2"]) == "autoregressive"
+    with pytest.raises(ValueError, match="neither"):
+        detect_paradigm(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model_index.json").write_text("{}")
-    assert not is_causal_lm_folder(tmp_path)
+    assert detect_paradigm(tmp_path) == "diffusion"
 
 
 # ---------------------------------------------------------------- loader metadata

@@ -3,6 +3,7 @@ step-level joining and leaving, guidance batching, cancellation, admission limit
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from service.common.errors import EngineFailed, InvalidRequest, QueueFull
+from service.common.outputs import RequestOutput
 from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
 from service.diffusion.images import decode_png_base64
+from service.diffusion.outputs import ImageProgress, ImageResult
+from service.diffusion.params import ImageParams
 from service.diffusion.pipelines import DenoisingPipeline, load_diffusion_pipeline
-from service.diffusion.request import ImageParams
-from service.runtime.requests import QueueFull, RequestHandle, RequestRejected
+from tests.engine_driver import EngineDriver
 from tests.fixtures.tiny_diffusion import (NULL_CLASS, build_tiny_digits, build_tiny_stable_diffusion,
                                            build_tiny_unconditional)
 
@@ -37,37 +41,65 @@ def pipelines(model_dirs: dict[str, Path]) -> dict[str, DenoisingPipeline]:
     return {name: load_diffusion_pipeline(path, CPU, torch.float32) for name, path in model_dirs.items()}
 
 
-def make_engine(pipeline: DenoisingPipeline, **overrides: int) -> DiffusionEngine:
-    return DiffusionEngine("test", pipeline, DiffusionEngineConfig(**overrides), CPU, torch.float32)
+ENGINE_DEFAULTS = {"max_batch_size": 32, "max_image_side": 1024, "preview_max_side": 64}
+
+
+class DiffusionDriver(EngineDriver):
+    def add_request(self, params: ImageParams) -> str:
+        return self.submit(params)
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting  # type: ignore[attr-defined,no-any-return]
+
+
+def make_engine(pipeline: DenoisingPipeline, max_queue: int = 256, **overrides: int) -> DiffusionDriver:
+    config = DiffusionEngineConfig(**{**ENGINE_DEFAULTS, **overrides})  # type: ignore[arg-type]
+    return DiffusionDriver(DiffusionEngine("test", pipeline, config, CPU, torch.float32), max_queue)
 
 
 @dataclass
 class Outcome:
-    events: list[Any] = field(default_factory=list)
+    events: list[RequestOutput] = field(default_factory=list)
+
+    @property
+    def result(self) -> ImageResult:
+        assert self.events and self.events[-1].finished
+        return self.events[-1].result  # type: ignore[return-value]
 
     @property
     def final(self) -> dict[str, Any]:
-        assert self.events and self.events[-1].is_final
-        return {"kind": self.events[-1].kind, **self.events[-1].data}
+        """The result in the shape of the /generate body, so assertions read like the API."""
+        output = self.events[-1]
+        result = self.result
+        timings = output.timings
+        return {"kind": "error" if result.error else "done", "finish_reason": result.finish_reason,
+                "steps": result.steps, "scheduler": result.scheduler, "error": result.error,
+                "images": [{"png_base64": base64.b64encode(image.png).decode(), "seed": image.seed}
+                           for image in result.images],
+                "timings": {"queue_s": timings.queue_s, "total_s": timings.total_s} if timings else None}
 
     @property
     def progress(self) -> list[dict[str, Any]]:
-        return [event.data for event in self.events if event.kind == "progress"]
+        events = []
+        for output in self.events:
+            if isinstance(output.delta, ImageProgress):
+                event: dict[str, Any] = {"step": output.delta.step, "steps": output.delta.steps}
+                if output.delta.preview_png is not None:
+                    event["preview_png_base64"] = base64.b64encode(output.delta.preview_png).decode()
+                events.append(event)
+        return events
 
     def images(self) -> list[np.ndarray]:
         return [decode_png_base64(image["png_base64"]) for image in self.final["images"]]
 
 
-def run(engine: DiffusionEngine, handles: list[RequestHandle], max_steps: int = 500) -> list[Outcome]:
-    outcomes = {handle.request_id: Outcome() for handle in handles}
-    for _ in range(max_steps):
-        if not engine.has_work():
-            break
-        engine.step()
-        for handle in handles:
-            outcomes[handle.request_id].events.extend(handle.pending_events())
-    assert not engine.has_work(), "engine did not finish in time"
-    return [outcomes[handle.request_id] for handle in handles]
+def run(driver: DiffusionDriver, request_ids: list[str], max_steps: int = 500) -> list[Outcome]:
+    driver.run(request_ids, max_steps)
+    return [Outcome(driver.outputs[request_id]) for request_id in request_ids]
 
 
 def run_one(engine: DiffusionEngine, params: ImageParams) -> Outcome:
@@ -213,7 +245,7 @@ def test_mixed_step_counts_share_one_forward_and_finish_on_their_own_count(
     forwards = count_forwards(pipeline, monkeypatch)
     engine = make_engine(pipeline)
     steps = {"five": 5, "twenty": 20, "fifty": 50}
-    handles: dict[str, RequestHandle] = {}
+    handles: dict[str, str] = {}
 
     def join_late(step: int) -> None:  # "twenty" arrives while "fifty" is running
         if step == 0:
@@ -222,15 +254,13 @@ def test_mixed_step_counts_share_one_forward_and_finish_on_their_own_count(
         if step == 3:
             handles["twenty"] = engine.add_request(ImageParams(prompt="three", steps=20, scheduler="euler", seed=3))
 
-    collected: dict[str, Outcome] = {}
     for step in range(200):
         join_late(step)
         if not engine.has_work():
             break
         engine.step()
-        for name, handle in handles.items():
-            collected.setdefault(name, Outcome()).events.extend(handle.pending_events())
-    outcomes = collected
+    assert not engine.has_work(), "the engine did not finish within 200 steps"
+    outcomes = {name: Outcome(engine.outputs[request_id]) for name, request_id in handles.items()}
     for name, count in steps.items():
         progress = outcomes[name].progress
         assert [event["step"] for event in progress] == list(range(1, count + 1))
@@ -298,32 +328,31 @@ def test_cancelled_rows_leave_the_batch_at_the_next_step(pipelines: dict[str, De
     waiting = engine.add_request(ImageParams(prompt="three", steps=6))
     engine.step()
     engine.step()
-    running.cancel()
-    waiting.cancel()
+    engine.cancel(running)
+    engine.cancel(waiting)
     engine.step()
     assert forwards == [4, 4, 2]
-    for handle in (running, waiting):
-        final = handle.pending_events()[-1]
-        assert final.kind == "done" and final.data["finish_reason"] == "cancelled" and final.data["images"] == []
+    for request_id in (running, waiting):
+        final = Outcome(engine.outputs[request_id]).final
+        assert final["kind"] == "done" and final["finish_reason"] == "cancelled" and final["images"] == []
     assert engine.num_waiting == 0
     outcome = run(engine, [keeps_going])[0]
     assert outcome.final["finish_reason"] == "stop" and len(outcome.final["images"]) == 2
-    running.cancel()  # a second cancel is harmless
+    engine.cancel(running)  # a second cancel is harmless
     engine.step()
     assert not engine.has_work() and engine.num_waiting == 0
 
 
 def test_a_full_queue_raises_queue_full(pipelines: dict[str, DenoisingPipeline]) -> None:
     engine = make_engine(pipelines["digits"], max_batch_size=1, max_queue=1)
-    engine.add_request(ImageParams(prompt="one", steps=3))
-    with pytest.raises(QueueFull):
-        engine.add_request(ImageParams(prompt="two", steps=3))
-    engine.step()  # the first one runs: the queue has room again
-    engine.add_request(ImageParams(prompt="two", steps=3))
+    first = engine.add_request(ImageParams(prompt="one", steps=3))  # takes the free batch row
+    second = engine.add_request(ImageParams(prompt="two", steps=3))  # the one queue place
     with pytest.raises(QueueFull):
         engine.add_request(ImageParams(prompt="three", steps=3))
-    while engine.has_work():
-        engine.step()
+    engine.step()  # the first one runs; the second still waits beyond the batch
+    with pytest.raises(QueueFull):
+        engine.add_request(ImageParams(prompt="three", steps=3))
+    run(engine, [first, second])
     assert engine.num_waiting == 0
 
 
@@ -335,7 +364,6 @@ def test_a_full_queue_raises_queue_full(pipelines: dict[str, DenoisingPipeline])
     ("digits", ImageParams(prompt="one", scheduler="plms"), "supported: ddim, ddpm, euler"),
     ("digits", ImageParams(prompt="one", scheduler="euler", eta=0.5), "eta"),
     ("digits", ImageParams(prompt="one", width=32, height=32), "16x16"),
-    ("digits", ImageParams(prompt="one", num_images=0), "n must"),
     ("digits", ImageParams(prompt="one", num_images=3, guidance_scale=2.0), "batch rows"),
     ("uncond", ImageParams(prompt="a cat"), "unconditional"),
     ("sd", ImageParams(prompt="a cat", width=36), "multiple of 8"),
@@ -344,29 +372,32 @@ def test_a_full_queue_raises_queue_full(pipelines: dict[str, DenoisingPipeline])
 def test_bad_requests_are_rejected_before_queueing(pipelines: dict[str, DenoisingPipeline], model: str,
                                                    params: ImageParams, message: str) -> None:
     engine = make_engine(pipelines[model], max_batch_size=4)
-    with pytest.raises(RequestRejected) as rejected:
+    with pytest.raises(InvalidRequest) as rejected:
         engine.add_request(params)
-    assert rejected.value.status_code == 422 and message in str(rejected.value)
+    assert message in str(rejected.value)
     assert engine.num_waiting == 0 and not engine.has_work()
 
 
 @pytest.mark.parametrize("failing", ["predict", "encode"])
-def test_a_failing_step_ends_every_request_with_an_error(pipelines: dict[str, DenoisingPipeline],
-                                                         monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+def test_a_failing_step_ends_its_requests_with_one_error_and_keeps_the_queue(
+        pipelines: dict[str, DenoisingPipeline], monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     engine = make_engine(pipelines["digits"], max_batch_size=1)
-    handles = [engine.add_request(ImageParams(prompt="one", steps=3)),
-               engine.add_request(ImageParams(prompt="two", steps=3))]
+    in_step, waiting = (engine.add_request(ImageParams(prompt="one", steps=3)),
+                        engine.add_request(ImageParams(prompt="two", steps=3)))
 
     def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(pipelines["digits"], failing, broken)
-    with pytest.raises(RuntimeError) as error:
-        engine.step()
-    engine.fail_all(error.value)
-    for handle in handles:
-        final = handle.pending_events()[-1]
-        assert final.kind == "error" and "device lost" in final.data["error"]["message"]
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines["digits"], failing, broken)
+        with pytest.raises(RuntimeError) as error:
+            engine.step()
+        engine.served.fail_running(error.value)
+    outputs = engine.outputs[in_step]
+    assert len(outputs) == 1 and outputs[0].finished  # one final output: no "done" overwritten by an error
+    assert outputs[0].result.finish_reason == "error" and isinstance(outputs[0].result.error, EngineFailed)
+    assert engine.outputs.get(waiting) is None  # not in the failed step: still queued, and it runs
+    assert run(engine, [waiting])[0].final["finish_reason"] == "stop"
     assert not engine.has_work() and engine.num_waiting == 0
 
 
@@ -376,7 +407,7 @@ def test_a_failing_step_ends_every_request_with_an_error(pipelines: dict[str, De
 @pytest.mark.parametrize("model, size", [("digits", (16, 16)), ("sd", (32, 32))])
 def test_every_kth_progress_event_carries_a_preview(pipelines: dict[str, DenoisingPipeline], model: str,
                                                     size: tuple[int, int]) -> None:
-    engine = DiffusionEngine("test", pipelines[model], DiffusionEngineConfig(preview_max_side=8), CPU, torch.float32)
+    engine = make_engine(pipelines[model], preview_max_side=8)
     prompt = "zero" if model == "digits" else "a cat"
     outcome = run_one(engine, ImageParams(prompt=prompt, steps=7, preview_every=3, num_images=2))
     with_preview = [event["step"] for event in outcome.progress if "preview_png_base64" in event]
@@ -389,7 +420,7 @@ def test_warmup_request_finishes(pipelines: dict[str, DenoisingPipeline]) -> Non
     from service.runtime.warmup import warm_up
 
     for pipeline in pipelines.values():
-        engine = make_engine(pipeline)
-        warm_up(engine)
-        assert not engine.has_work()
+        driver = make_engine(pipeline)
+        warm_up(driver.engine)
+        assert not driver.has_work() and driver.engine.num_waiting == 0
 

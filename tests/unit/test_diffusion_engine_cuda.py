@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+from service.diffusion.params import ImageParams
 from service.diffusion.pipelines import load_diffusion_pipeline
-from service.diffusion.request import ImageParams
 from tests.fixtures.tiny_diffusion import build_tiny_digits, build_tiny_stable_diffusion, build_tiny_unconditional
-from tests.unit.test_diffusion_engine import PIXEL_TOLERANCE, as_uint8, max_pixel_difference, run, run_one
+from tests.unit.test_diffusion_engine import (ENGINE_DEFAULTS, PIXEL_TOLERANCE, DiffusionDriver, as_uint8,
+                                              max_pixel_difference, run, run_one)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -26,8 +27,9 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "sd": build_tiny_stable_diffusion(root / "sd")}
 
 
-def cuda_engine(path: Path, dtype: torch.dtype) -> DiffusionEngine:
-    return DiffusionEngine("cuda", load_diffusion_pipeline(path, CUDA, dtype), DiffusionEngineConfig(), CUDA, dtype)
+def cuda_engine(path: Path, dtype: torch.dtype) -> DiffusionDriver:
+    config = DiffusionEngineConfig(**ENGINE_DEFAULTS)  # type: ignore[arg-type]
+    return DiffusionDriver(DiffusionEngine("cuda", load_diffusion_pipeline(path, CUDA, dtype), config, CUDA, dtype))
 
 
 def test_ddpm_matches_the_diffusers_pipeline_with_a_cuda_generator(model_dirs: dict[str, Path]) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.diffusion.pipelines import PixelUNetPipeline, class_of_prompt, load_diffusion_pipeline
-from service.runtime.requests import RequestRejected
+from service.common.errors import InvalidRequest
 from tests.fixtures.tiny_diffusion import NULL_CLASS, build_tiny_digits
 
 DIGITS = tuple(str(digit) for digit in range(10))
@@ -52,7 +52,7 @@ def test_the_loader_accepts_every_template(digits_dir: Path) -> None:
     for prompt in ("7", " digit 7 ", "Digit  7", "DIGIT 7"):
         assert class_index(pipeline, prompt) == 7
     assert pipeline.prepare_prompt("digit 7", None).uncond_input.item() == NULL_CLASS
-    with pytest.raises(RequestRejected, match="digit"):
+    with pytest.raises(InvalidRequest, match="digit"):
         pipeline.prepare_prompt("number 7", None)
 
 
@@ -60,7 +60,7 @@ def test_without_templates_only_the_bare_label_is_accepted(digits_dir: Path) -> 
     write_labels(digits_dir)
     pipeline = load(digits_dir)
     assert class_index(pipeline, "7") == 7
-    with pytest.raises(RequestRejected):
+    with pytest.raises(InvalidRequest):
         pipeline.prepare_prompt("digit 7", None)
 
 

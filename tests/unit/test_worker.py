@@ -18,7 +18,7 @@ class CountingEngine:
         self.remaining -= 1
         self.log.append(self.name)
 
-    def fail_all(self, error: BaseException) -> None:
+    def fail_running(self, error: BaseException) -> None:
         raise AssertionError("not expected")
 
 
@@ -31,7 +31,7 @@ class FailingEngine(CountingEngine):
         self.remaining = 0
         raise RuntimeError("boom")
 
-    def fail_all(self, error: BaseException) -> None:
+    def fail_running(self, error: BaseException) -> None:
         self.failed.append(error)
 
 
