@@ -57,8 +57,10 @@ class Settings(BaseSettings):
     ar_steps_per_cycle: int = Field(1, ge=1, description="AR steps per device-loop cycle")
     diffusion_steps_per_cycle: int = Field(1, ge=1, description="diffusion steps per device-loop cycle")
     # Admission and batching
-    max_batch_size: int = Field(32, ge=1, description="most sequences/images in one engine step")
-    max_queue: int = Field(256, ge=0, description="requests that may wait per engine before 503")
+    max_batch_size: int = Field(32, ge=1, description="most sequences in one autoregressive step (its batch slots); "
+                                "the diffusion engine's batch is --diffusion-max-batch-size")
+    max_queue: int = Field(256, ge=0, description="requests that may wait per engine beyond the batch's free "
+                           "slots before 503")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503")
     # AR engine
     kv_cache_tokens: int = Field(65536, ge=16, description="KV-cache pool size in tokens, per AR model")
@@ -81,6 +83,18 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(8, ge=1, description="largest 'n' (images per diffusion request)")
     max_image_side: int = Field(1024, ge=8, description="largest width/height for latent (Stable Diffusion) models")
     preview_max_side: int = Field(64, ge=8, description="longest side, in pixels, of one image in a preview")
+    # Deadlines and supervision
+    request_timeout_s: float = Field(600.0, ge=0, description="default per-request deadline (a request's timeout_s "
+                                     "overrides it); past it the request ends with finish_reason 'timeout'; 0 = none")
+    max_queue_wait_s: float = Field(120.0, ge=0, description="a request that has not started after this long is "
+                                    "refused with 503; 0 = no bound")
+    sse_ping_s: float = Field(15.0, gt=0, description="an SSE comment ping on a stream idle this long")
+    stall_timeout_s: float = Field(60.0, gt=0, description="the engine core counts as stuck when its step loop "
+                                   "shows no progress for this long while requests are pending")
+    max_core_restarts: int = Field(5, ge=0, description="engine-core restarts before the server exits non-zero")
+    core_restart_backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles each time")
+    inject_step_failures: str = Field("", description="TESTING ONLY: MODEL@N[,MODEL@N...] makes that model's N-th "
+                                      "step raise, to exercise fault isolation")
     # HTTP
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body (413 above)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

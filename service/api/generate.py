@@ -13,14 +13,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
 
 from service.api.engine_params import image_params, text_request
-from service.api.errors import APIError, api_error, error_response, status_of
+from service.api.errors import APIError, api_error, error_response
 from service.api.generate_format import delta_events, error_json, error_of, result_body
 from service.api.openapi import request_body
 from service.api.routing import resolve_model
 from service.api.schemas import ImageGenerateRequest, TextGenerateRequest
-from service.api.streaming import ClientDisconnected, final_output, output_batches, sse_event
+from service.api.streaming import SSE_PING, ClientDisconnected, final_output, output_batches, sse_event
 from service.common.errors import EngineError
-from service.runtime.engine_client import EngineClient, RequestStream
+from service.runtime.engine_client import CoreState, EngineClient, RequestStream
 from service.runtime.messages import EngineParams
 from service.settings import Settings
 
@@ -48,15 +48,23 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
 
 def ready_client(request: Request) -> EngineClient:
     client: EngineClient = request.app.state.engine_client
-    if not client.ready.is_set():
-        raise APIError(503, "not_ready", "models are still loading",
-                       {"Retry-After": str(request.app.state.settings.retry_after_s)})
+    if client.state is not CoreState.READY:
+        message = "models are still loading" if client.state is CoreState.LOADING else \
+            f"the engine core is {client.state.value}"
+        raise APIError(503, "not_ready", message, {"Retry-After": str(request.app.state.settings.retry_after_s)})
     return client
 
 
-async def submit(client: EngineClient, model: str, params: EngineParams, settings: Settings) -> RequestStream:
+def deadline(timeout_s: float | None, settings: Settings) -> float | None:
+    """The request's own timeout, else the server's default; 0 means none."""
+    chosen = settings.request_timeout_s if timeout_s is None else timeout_s
+    return chosen or None
+
+
+async def submit(client: EngineClient, model: str, params: EngineParams, settings: Settings,
+                 timeout_s: float | None = None) -> RequestStream:
     try:
-        return await client.submit(model, params)
+        return await client.submit(model, params, deadline(timeout_s, settings), settings.max_queue_wait_s or None)
     except EngineError as error:
         raise api_error(error, settings.retry_after_s) from error
 
@@ -73,15 +81,16 @@ async def generate(request: Request) -> Response:
     model = resolve_model(paradigms, body.get("model"), body.get("paradigm"))
     info = client.models[model]
     params: EngineParams
+    validated: TextGenerateRequest | ImageGenerateRequest
     if info.paradigm == "autoregressive":
-        text_body = TextGenerateRequest.model_validate({**body, "model": model})
-        params, stream_wanted = text_request(text_body, settings, info), text_body.stream
+        validated = TextGenerateRequest.model_validate({**body, "model": model})
+        params = text_request(validated, settings, info)
     else:
-        image_body = ImageGenerateRequest.model_validate({**body, "model": model})
-        params, stream_wanted = image_params(image_body, settings, info), image_body.stream
-    stream = await submit(client, model, params, settings)
-    if stream_wanted:
-        return EventSourceResponse(sse_stream(stream, request), headers=SSE_HEADERS)
+        validated = ImageGenerateRequest.model_validate({**body, "model": model})
+        params = image_params(validated, settings, info)
+    stream = await submit(client, model, params, settings, validated.timeout_s)
+    if validated.stream:
+        return EventSourceResponse(sse_stream(stream, request, settings.sse_ping_s), headers=SSE_HEADERS)
     return await json_answer(stream, request)
 
 
@@ -109,17 +118,20 @@ async def json_answer(stream: RequestStream, request: Request) -> Response:
         return Response(status_code=499)
     error = error_of(output)
     if error is not None:
-        status, error_type = status_of(error)
-        log_request(stream, status, False, output)
-        return error_response(status, error_type, str(error))
+        translated = api_error(error, request.app.state.settings.retry_after_s)
+        log_request(stream, translated.status_code, False, output)
+        return error_response(translated.status_code, translated.error_type, translated.message, translated.headers)
     log_request(stream, 200, False, output)
     return JSONResponse(result_body(stream, output))
 
 
-async def sse_stream(stream: RequestStream, request: Request) -> AsyncIterator[str]:
+async def sse_stream(stream: RequestStream, request: Request, ping_every_s: float) -> AsyncIterator[str]:
     final = None
     try:
-        async for batch in output_batches(stream, request.receive):
+        async for batch in output_batches(stream, request.receive, ping_every_s):
+            if not batch:
+                yield SSE_PING
+                continue
             messages = [sse_event(kind, data) for kind, data in delta_events(batch)]
             if batch[-1].finished:
                 final = batch[-1]

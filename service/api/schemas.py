@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str
 
 
@@ -32,12 +32,24 @@ class TextGenerateRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, description="top-n alternatives per generated token")
     prompt_logprobs: bool = False
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: minus this for every token seen")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: minus this times the count")
+    logit_bias: dict[int, float] | None = Field(None, max_length=300, description="token id -> bias in [-100, 100]")
     stream: bool = False
+    timeout_s: float | None = Field(None, gt=0, le=86400, description="deadline; past it finish_reason 'timeout' "
+                                    "with the partial text; default from settings")
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_list(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value is not None and any(not -100.0 <= bias <= 100.0 for bias in value.values()):
+            raise ValueError("each bias must be between -100 and 100")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -73,6 +85,7 @@ class ImageGenerateRequest(BaseModel):
     width: int | None = Field(None, ge=8, description="pixels, a multiple of 8; default: the model's")
     height: int | None = Field(None, ge=8, description="pixels, a multiple of 8; default: the model's")
     stream: bool = False
+    timeout_s: float | None = Field(None, gt=0, le=86400, description="deadline; default from settings")
     preview_every: int | None = Field(None, ge=1, description="a PNG preview with every k-th progress event")
 
     @field_validator("width", "height")

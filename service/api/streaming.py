@@ -24,8 +24,13 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def output_batches(stream: RequestStream, receive: Receive) -> AsyncIterator[list[RequestOutput]]:
-    """Yield the request's outputs, several at a time when they pile up, until the finished one.
+SSE_PING = ": ping\n\n"  # an SSE comment: keeps proxies and clients from timing out an idle stream
+
+
+async def output_batches(stream: RequestStream, receive: Receive,
+                         ping_every_s: float | None = None) -> AsyncIterator[list[RequestOutput]]:
+    """Yield the request's outputs, several at a time when they pile up, until the finished one;
+    with ``ping_every_s``, an empty batch after each such idle interval (time for a keep-alive ping).
 
     A watcher task turns the client's disconnect into an item in the stream's own queue, so reading
     costs one ``await queue.get()`` per batch and no task per token. On disconnect the request is
@@ -40,7 +45,14 @@ async def output_batches(stream: RequestStream, receive: Receive) -> AsyncIterat
     watcher = asyncio.ensure_future(watch_disconnect())
     try:
         while True:
-            batch = await stream.next_outputs()
+            if ping_every_s is None:
+                batch = await stream.next_outputs()
+            else:
+                try:
+                    batch = await asyncio.wait_for(stream.next_outputs(), ping_every_s)
+                except TimeoutError:
+                    yield []
+                    continue
             if isinstance(batch, Disconnected):
                 raise ClientDisconnected(stream.request_id)
             yield batch
@@ -54,7 +66,7 @@ async def output_batches(stream: RequestStream, receive: Receive) -> AsyncIterat
 async def final_output(stream: RequestStream, receive: Receive) -> RequestOutput:
     """Wait for the request's end (a non-streamed answer); the deltas before it are dropped."""
     async for batch in output_batches(stream, receive):
-        if batch[-1].finished:
+        if batch and batch[-1].finished:
             return batch[-1]
     raise AssertionError("output_batches ends with a finished output")
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.runtime.engine_client import EngineClient
+from service.runtime.engine_client import CoreState, EngineClient
 from service.runtime.messages import ModelInfo
 from service.runtime.metrics import exposition_registry
 
@@ -19,19 +19,24 @@ def _client(request: Request) -> EngineClient:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
+    """Liveness: 200 while loading or serving; 503 with the reason when the engine core is stuck,
+    restarting after a crash, or failed to load its models."""
     client = _client(request)
-    if client.load_error is not None or not client.alive:
-        return JSONResponse({"status": "unhealthy", "error": client.load_error or "engine core stopped"},
-                            status_code=503)
-    return JSONResponse({"status": "ok"})
+    if client.healthy:
+        return JSONResponse({"status": "ok", "engine_core": client.state.value, "restarts": client.restarts,
+                             "engine_core_pid": client.core_pid})
+    reason = client.load_error or client.state_detail or "engine core stopped"
+    return JSONResponse({"status": "unhealthy", "engine_core": client.state.value, "error": reason,
+                         "restarts": client.restarts}, status_code=503)
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
+    """Readiness: 200 only while the models are loaded and the engine core is serving."""
     client = _client(request)
-    if client.ready.is_set() and client.alive:
+    if client.state is CoreState.READY and client.alive:
         return JSONResponse({"status": "ready"})
-    detail = "loading" if client.load_error is None else f"failed: {client.load_error}"
+    detail = client.state.value if client.load_error is None else f"failed: {client.load_error}"
     return JSONResponse({"status": detail}, status_code=503,
                         headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
 

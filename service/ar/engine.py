@@ -143,10 +143,14 @@ class AREngine:
 
     @property
     def num_free_slots(self) -> int:
-        return max(0, self.config.max_batch_size - len(self.scheduler.running))
+        return max(0, self.scheduler.max_batch_size - len(self.scheduler.running))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def shrink_batch(self) -> None:
+        """After a device out-of-memory error: halve the batch cap (never below 1)."""
+        self.scheduler.max_batch_size = max(1, self.scheduler.max_batch_size // 2)
 
     def running_request_ids(self) -> list[str]:
         return [seq.request_id for seq in self.scheduler.running]

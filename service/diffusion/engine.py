@@ -59,6 +59,7 @@ class DiffusionEngine:
         self._waiting: collections.deque[ImageJob] = collections.deque()
         self._running: list[ImageJob] = []
         self._jobs: dict[str, ImageJob] = {}
+        self.max_batch_rows = config.max_batch_size  # halved after a device out-of-memory error
 
     def describe(self) -> dict[str, object]:
         return {**self.pipeline.describe(), "schedulers": [kind.value for kind in SamplerKind],
@@ -119,10 +120,13 @@ class DiffusionEngine:
     @property
     def num_free_slots(self) -> int:
         """Requests of one unguided image that would still join the running batch."""
-        return max(0, self.config.max_batch_size - sum(job.cost for job in self._running))
+        return max(0, self.max_batch_rows - sum(job.cost for job in self._running))
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def shrink_batch(self) -> None:
+        self.max_batch_rows = max(1, self.max_batch_rows // 2)
 
     def running_request_ids(self) -> list[str]:
         return [job.request_id for job in self._running]
@@ -146,7 +150,7 @@ class DiffusionEngine:
     def _admit_waiting(self, report: StepReport) -> None:
         """Move waiting jobs into the batch in arrival order while their rows fit."""
         rows_in_use = sum(job.cost for job in self._running)
-        while self._waiting and rows_in_use + self._waiting[0].cost <= self.config.max_batch_size:
+        while self._waiting and rows_in_use + self._waiting[0].cost <= self.max_batch_rows:
             job = self._waiting.popleft()
             self._running.append(job)  # first: a job whose start fails is still found and failed
             report.started.append(job.request_id)

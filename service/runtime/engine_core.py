@@ -93,6 +93,15 @@ class CoreLoop:
             self.send(Admitted(message.request_id))
 
 
+def parse_injected_failures(spec: str) -> dict[str, frozenset[int]]:
+    """``"tiny@3,tiny@7,digits@2"`` -> ``{"tiny": {3, 7}, "digits": {2}}``."""
+    steps: dict[str, set[int]] = {}
+    for part in filter(None, (item.strip() for item in spec.split(","))):
+        model, _, step = part.rpartition("@")
+        steps.setdefault(model, set()).add(int(step))
+    return {model: frozenset(numbers) for model, numbers in steps.items()}
+
+
 def run_engine_core(settings: Settings, commands: Connection, results: Connection) -> None:
     """Entry point of the child process."""
     import torch
@@ -117,8 +126,9 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
         loop.send(CoreFailed(f"{type(error).__name__}: {error}"))
         commands.recv()  # wait for the front end to shut us down
         return
+    failures = parse_injected_failures(settings.inject_step_failures)
     for engine in engines:
-        served[engine.name] = ServedEngine(engine, settings.max_queue, loop.emit)
+        served[engine.name] = ServedEngine(engine, settings.max_queue, loop.emit, failures.get(engine.name, frozenset()))
         share = settings.ar_steps_per_cycle if engine.paradigm == "autoregressive" else settings.diffusion_steps_per_cycle
         worker.add_engine(served[engine.name], share)
     loop.send(CoreReady(tuple(infos), os.getpid()))

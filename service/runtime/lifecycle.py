@@ -45,6 +45,8 @@ class Engine(Protocol):
 
     def fill_occupancy(self, stats: StepStats) -> StepStats: ...
 
+    def shrink_batch(self) -> None: ...
+
     @property
     def num_waiting(self) -> int: ...
 
@@ -62,8 +64,12 @@ class TrackedRequest:
     last_token_at: float | None = None
 
 
+class InjectedFault(RuntimeError):
+    """Raised by a step that ``--inject-step-failures`` names (tests of fault isolation)."""
+
+
 class ServedEngine:
-    def __init__(self, engine: Engine, max_queue: int, emit: Emit) -> None:
+    def __init__(self, engine: Engine, max_queue: int, emit: Emit, fail_at_steps: frozenset[int] = frozenset()) -> None:
         self.engine = engine
         self.name = engine.name
         self.paradigm = engine.paradigm
@@ -71,6 +77,8 @@ class ServedEngine:
         self._emit = emit
         self._requests: dict[str, TrackedRequest] = {}
         self._recorder = metrics.EngineRecorder(engine.paradigm, engine.name)
+        self._fail_at_steps = fail_at_steps
+        self.steps_run = 0
 
     # ---- between steps ------------------------------------------------------------------------
 
@@ -103,6 +111,9 @@ class ServedEngine:
     # ---- the step -----------------------------------------------------------------------------
 
     def step(self) -> None:
+        self.steps_run += 1
+        if self.steps_run in self._fail_at_steps:
+            raise InjectedFault(f"injected failure of step {self.steps_run} of {self.name}")
         report = self.engine.step()
         now = time.monotonic()
         for request_id in report.started:
@@ -167,6 +178,8 @@ class ServedEngine:
             self._end(request_id, "error", failure)
         logger.error("engine %s step failed (%s); ended %d running requests", self.name,
                      type(error).__name__, len(set(running)))
+        if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError: a smaller batch may fit
+            self.engine.shrink_batch()
 
     def fail_all(self, error: EngineError) -> None:
         for request_id in list(self._requests):

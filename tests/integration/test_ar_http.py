@@ -36,7 +36,10 @@ def client(server: RunningServer) -> Iterator[httpx.Client]:
 
 
 def test_health_ready_models(client: httpx.Client, server: RunningServer) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+    health = client.get("/health").json()
+    assert {key: health[key] for key in ("status", "engine_core", "restarts")} == {
+        "status": "ok", "engine_core": "ready", "restarts": 0}
+    assert health["engine_core_pid"] != server.process.pid
     assert client.get("/ready").status_code == 200
     models = client.get("/models").json()["models"]
     assert [(m["name"], m["paradigm"]) for m in models] == [("tiny", "autoregressive")]
