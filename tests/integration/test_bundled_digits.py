@@ -71,3 +71,19 @@ def test_the_server_draws_a_seven(server: RunningServer, classifier) -> None:
         assert (predicted == 7).sum() >= 3, predicted
         same_with_prefix = sevens(client, "digit 7")
     assert all(np.array_equal(a, b) for a, b in zip(images, same_with_prefix))
+
+
+def test_the_folder_request_defaults_apply_to_omitted_fields(server: RunningServer) -> None:
+    with server.client() as client:
+        model = client.get("/models").json()["models"][0]
+        assert model["defaults"] == {"steps": 50, "scheduler": "ddim", "guidance_scale": 1.25}
+        assert model["labels"] == [str(digit) for digit in range(10)] and model["sample_size"] == [16, 16]
+        assert model["max_steps"] == 200 and model["unconditional_allowed"] is True
+        defaulted = client.post("/generate", json={"model": MODEL_NAME, "prompt": "3", "steps": 5, "seed": 3}).json()
+        explicit = client.post("/generate", json={"model": MODEL_NAME, "prompt": "3", "steps": 5, "seed": 3,
+                                                  "guidance_scale": 1.25, "scheduler": "ddim"}).json()
+        unguided = client.post("/generate", json={"model": MODEL_NAME, "prompt": "3", "steps": 5, "seed": 3,
+                                                  "guidance_scale": 1.0}).json()
+    assert defaulted["scheduler"] == "ddim"
+    assert defaulted["images"] == explicit["images"]
+    assert defaulted["images"] != unguided["images"]
