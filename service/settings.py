@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     core_restart_backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles each time")
     inject_step_failures: str = Field("", description="TESTING ONLY: MODEL@N[,MODEL@N...] makes that model's N-th "
                                       "step raise, to exercise fault isolation")
+    # Jobs (POST /jobs): long work that outlives one HTTP request
+    job_ttl_s: float = Field(3600.0, gt=0, description="how long a finished job's result is kept")
+    max_jobs: int = Field(1000, ge=1, description="jobs kept at once (finished ones are dropped oldest first)")
+    max_job_event_bytes: int = Field(16_000_000, ge=1024, description="SSE event bytes kept per job for replay; "
+                                     "past it only the final event is kept")
     # HTTP
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body (413 above)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

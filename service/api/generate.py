@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -69,9 +70,16 @@ async def submit(client: EngineClient, model: str, params: EngineParams, setting
         raise api_error(error, settings.retry_after_s) from error
 
 
-@router.post("/generate", response_model=None, openapi_extra=request_body(TextGenerateRequest, ImageGenerateRequest))
-async def generate(request: Request) -> Response:
-    """Text (autoregressive) or images (diffusion), by the model or `paradigm` named in the body."""
+@dataclass(frozen=True)
+class PreparedRequest:
+    model: str
+    params: EngineParams
+    stream: bool
+    timeout_s: float | None
+
+
+async def prepare(request: Request) -> PreparedRequest:
+    """A /generate body, read, validated and turned into engine params (also what POST /jobs takes)."""
     settings: Settings = request.app.state.settings
     client = ready_client(request)
     body = await read_json_body(request, settings.max_body_bytes)
@@ -88,8 +96,17 @@ async def generate(request: Request) -> Response:
     else:
         validated = ImageGenerateRequest.model_validate({**body, "model": model})
         params = image_params(validated, settings, info)
-    stream = await submit(client, model, params, settings, validated.timeout_s)
-    if validated.stream:
+    return PreparedRequest(model, params, validated.stream, validated.timeout_s)
+
+
+@router.post("/generate", response_model=None, openapi_extra=request_body(TextGenerateRequest, ImageGenerateRequest))
+async def generate(request: Request) -> Response:
+    """Text (autoregressive) or images (diffusion), by the model or `paradigm` named in the body."""
+    settings: Settings = request.app.state.settings
+    prepared = await prepare(request)
+    stream = await submit(request.app.state.engine_client, prepared.model, prepared.params, settings,
+                          prepared.timeout_s)
+    if prepared.stream:
         return EventSourceResponse(sse_stream(stream, request, settings.sse_ping_s), headers=SSE_HEADERS)
     return await json_answer(stream, request)
 
