@@ -171,7 +171,7 @@ def bench_raw(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, Any
             for _ in range(forwards):
                 batch_rows = schedule.gather_rows(states, device=torch.device(scenario.device))
                 output = pipeline.predict(sample, batch_rows.timestep, labels)
-                sample = schedule.step_rows(output, sample, batch_rows)
+                sample = schedule.step_rows(output, sample, batch_rows).prev_sample
                 schedule.advance(states)
                 for position, state in enumerate(states):
                     if state.finished:

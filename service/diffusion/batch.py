@@ -14,16 +14,13 @@ import torch
 
 from service.diffusion.job import ImageJob, ImageRow
 from service.diffusion.pipelines import DenoisingPipeline
-from service.diffusion.schedulers import BatchRows
 
 
 @dataclass(frozen=True)
 class GroupStep:
-    """What one group's step computed; ``guided_output`` and ``sample`` feed the previews."""
+    """What one group's step computed: each row's x0 estimate feeds the previews."""
 
-    rows: BatchRows
-    sample: torch.Tensor  # the step's input latents, (B, ...) float32
-    guided_output: torch.Tensor  # the model output after guidance, (B, ...) float32
+    pred_original_sample: torch.Tensor  # (B, ...) float32
 
 
 def _cat_or_none(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
@@ -66,8 +63,8 @@ def denoise_group(pipeline: DenoisingPipeline, members: Sequence[tuple[ImageJob,
         guided_output = guided_output.index_copy(
             0, guided_index, unconditional + scales * (conditional - unconditional))
 
-    new_sample = schedule.step_rows(guided_output, sample, rows)
+    stepped = schedule.step_rows(guided_output, sample, rows)
     schedule.advance(states)
     for position, (_, row) in enumerate(members):
-        row.latents = new_sample[position:position + 1]
-    return GroupStep(rows, sample, guided_output)
+        row.latents = stepped.prev_sample[position:position + 1]
+    return GroupStep(stepped.pred_original_sample)

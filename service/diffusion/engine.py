@@ -26,7 +26,6 @@ import torch
 from service.common.errors import EngineError, InvalidRequest
 from service.common.outputs import FinishReason, RequestOutput, StepReport, StepStats
 from service.diffusion.batch import GroupStep, denoise_group
-from service.diffusion.denoised import predicted_clean_sample
 from service.diffusion.images import png_bytes, preview_png_bytes, to_uint8
 from service.diffusion.job import ImageJob, ImageRow
 from service.diffusion.outputs import GeneratedImage, ImageProgress, ImageResult
@@ -202,9 +201,8 @@ class DiffusionEngine:
                 if job.wants_preview():
                     positions_of.setdefault(job, []).append(position)
             for job, positions in positions_of.items():
-                clean = predicted_clean_sample(self.schedule, group_step.guided_output, group_step.sample,
-                                               group_step.rows, positions)
-                pixels = to_uint8(self.pipeline.decode(clean))
+                index = torch.tensor(positions, dtype=torch.int64, device=group_step.pred_original_sample.device)
+                pixels = to_uint8(self.pipeline.decode(group_step.pred_original_sample.index_select(0, index)))
                 previews[job] = preview_png_bytes(pixels, self.config.preview_max_side)
         return previews
 

@@ -187,6 +187,7 @@ class TimestepPlan:
     alpha_prod_t_values: tuple[float, ...]  # DDIM/DDPM: alphas_cumprod[t]
     alpha_prod_prev_values: tuple[float, ...]  # DDIM/DDPM: alphas_cumprod[prev] or the final alpha
     sigma_values: tuple[float, ...]  # Euler: sigmas, num_steps + 1 entries
+    input_divisor_values: tuple[float, ...] = ()  # Euler: sqrt(sigma^2 + 1) per step (float32); others 1
 
     @property
     def num_steps(self) -> int:
@@ -265,6 +266,187 @@ def _draw_row_noise(
     draw_device = generator.device if generator is not None else device
     noise = torch.randn(tuple(row_shape), generator=generator, device=draw_device, dtype=torch.float32)
     return noise.to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    """What one vectorized step gives, as diffusers' scheduler outputs do: the next sample and the
+    model's current estimate of the clean sample (x0), which previews show."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class RowCoefficients:
+    """One row's scalars for its next step; fields a kind does not use hold 1.0."""
+
+    alpha_prod_t: float = 1.0
+    alpha_prod_prev: float = 1.0
+    sigma: float = 1.0
+    sigma_next: float = 1.0
+    input_divisor: float = 1.0  # scale_model_input divides by this
+    draws_noise: bool = False
+
+
+class DDIMSampler:
+    """DDIM (Song et al. 2020, eq. 12) with a per-row eta; eta = 1 is DDPM-like ancestral sampling."""
+
+    kind = SamplerKind.DDIM
+    takes_eta = True
+
+    def plan(self, schedule: NoiseSchedule, num_steps: int) -> TimestepPlan:
+        timesteps = torch.from_numpy(schedule.spaced_timesteps(self.kind, num_steps, integer=True).astype(np.int64))
+        # DDIM jumps by a fixed stride whatever the spacing (diffusers' behaviour).
+        prev_timesteps = timesteps - schedule.num_train_timesteps // num_steps
+        final_alpha_prod = 1.0 if schedule.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+        return schedule.discrete_plan(self.kind, timesteps, prev_timesteps, final_alpha_prod)
+
+    def coefficients(self, state: SamplerState) -> RowCoefficients:
+        plan, index = state.plan, state.step_index
+        return RowCoefficients(alpha_prod_t=plan.alpha_prod_t_values[index],
+                               alpha_prod_prev=plan.alpha_prod_prev_values[index], draws_noise=state.eta > 0)
+
+    def update(self, schedule: NoiseSchedule, model_output: torch.Tensor, sample: torch.Tensor, rows: GroupRows,
+               noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha_prod_t, alpha_prod_prev = rows.alpha_prod_t, rows.alpha_prod_prev
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_prev = 1 - alpha_prod_prev
+        sqrt_alpha_t = _as_column(alpha_prod_t**0.5, sample)
+        sqrt_beta_t = _as_column(beta_prod_t**0.5, sample)
+        if schedule.prediction_type == "epsilon":
+            pred_original = (sample - sqrt_beta_t * model_output) / sqrt_alpha_t
+            pred_epsilon = model_output
+        elif schedule.prediction_type == "sample":
+            pred_original = model_output
+            pred_epsilon = (sample - sqrt_alpha_t * pred_original) / sqrt_beta_t
+        else:  # v_prediction
+            pred_original = sqrt_alpha_t * sample - sqrt_beta_t * model_output
+            pred_epsilon = sqrt_alpha_t * model_output + sqrt_beta_t * sample
+        # Clipping x0 does not feed back into pred_epsilon (use_clipped_model_output=False).
+        pred_original = schedule.clip(pred_original)
+
+        variance = (beta_prod_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+        std_dev = rows.eta * variance**0.5
+        direction_coeff = (1 - alpha_prod_prev - std_dev**2) ** 0.5
+        prev_sample = _as_column(alpha_prod_prev**0.5, sample) * pred_original + _as_column(
+            direction_coeff, sample) * pred_epsilon
+        if noise is not None:
+            prev_sample = prev_sample + _as_column(std_dev, noise) * noise
+        return prev_sample, pred_original
+
+
+class DDPMSampler:
+    """Ancestral DDPM (Ho et al. 2020, eqs. 6-7) between two planned timesteps."""
+
+    kind = SamplerKind.DDPM
+    takes_eta = False
+
+    def plan(self, schedule: NoiseSchedule, num_steps: int) -> TimestepPlan:
+        timesteps = torch.from_numpy(schedule.spaced_timesteps(self.kind, num_steps, integer=True).astype(np.int64))
+        prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1], dtype=torch.int64)])
+        return schedule.discrete_plan(self.kind, timesteps, prev_timesteps, 1.0)
+
+    def coefficients(self, state: SamplerState) -> RowCoefficients:
+        plan, index = state.plan, state.step_index
+        return RowCoefficients(alpha_prod_t=plan.alpha_prod_t_values[index],
+                               alpha_prod_prev=plan.alpha_prod_prev_values[index],
+                               draws_noise=plan.model_timestep_values[index] > 0)  # noise at every t > 0
+
+    def update(self, schedule: NoiseSchedule, model_output: torch.Tensor, sample: torch.Tensor, rows: GroupRows,
+               noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha_prod_t, alpha_prod_prev = rows.alpha_prod_t, rows.alpha_prod_prev
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_prev = 1 - alpha_prod_prev
+        current_alpha = alpha_prod_t / alpha_prod_prev
+        current_beta = 1 - current_alpha
+        if schedule.prediction_type == "epsilon":
+            pred_original = (sample - _as_column(beta_prod_t**0.5, sample) * model_output) / _as_column(
+                alpha_prod_t**0.5, sample)
+        elif schedule.prediction_type == "sample":
+            pred_original = model_output
+        else:  # v_prediction
+            pred_original = _as_column(alpha_prod_t**0.5, sample) * sample - _as_column(
+                beta_prod_t**0.5, sample) * model_output
+        pred_original = schedule.clip(pred_original)
+
+        # Mean of the posterior q(x_prev | x_t, x_0).
+        original_coeff = (alpha_prod_prev**0.5 * current_beta) / beta_prod_t
+        sample_coeff = current_alpha**0.5 * beta_prod_prev / beta_prod_t
+        prev_sample = _as_column(original_coeff, sample) * pred_original + _as_column(sample_coeff, sample) * sample
+        if noise is None:
+            return prev_sample, pred_original
+        if schedule.variance_type == "fixed_large":
+            noise_std = current_beta**0.5
+        else:
+            posterior_variance = torch.clamp(beta_prod_prev / beta_prod_t * current_beta, min=1e-20)
+            if schedule.variance_type == "fixed_small":
+                noise_std = posterior_variance**0.5
+            else:  # fixed_small_log: the same std, computed through the log as diffusers does
+                noise_std = torch.exp(0.5 * torch.log(posterior_variance))
+        return prev_sample + _as_column(noise_std, noise) * noise, pred_original
+
+
+class EulerSampler:
+    """Euler steps of the probability-flow ODE in sigma space (Karras et al. 2022, s_churn = 0)."""
+
+    kind = SamplerKind.EULER
+    takes_eta = False
+
+    def plan(self, schedule: NoiseSchedule, num_steps: int) -> TimestepPlan:
+        timesteps = schedule.spaced_timesteps(self.kind, num_steps, integer=False).astype(np.float32)
+        training_sigmas = (((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod) ** 0.5).numpy()
+        # Linear interpolation of the training sigmas at (possibly fractional) timesteps.
+        sigmas = np.interp(timesteps, np.arange(schedule.num_train_timesteps), training_sigmas)
+        final_sigma = 0.0 if schedule.final_sigmas_type == "zero" else float(training_sigmas[0])
+        sigmas_tensor = torch.from_numpy(np.concatenate([sigmas, [final_sigma]]).astype(np.float32))
+        max_sigma = sigmas_tensor.max()
+        if schedule.spacing_for(self.kind) in ("linspace", "trailing"):
+            init_noise_sigma = float(max_sigma)
+        else:
+            init_noise_sigma = float((max_sigma**2 + 1) ** 0.5)
+        timesteps_tensor = torch.from_numpy(timesteps)
+        return TimestepPlan(
+            kind=self.kind, timesteps=timesteps_tensor, prev_timesteps=None, sigmas=sigmas_tensor,
+            init_noise_sigma=init_noise_sigma, model_timestep_values=tuple(timesteps_tensor.tolist()),
+            alpha_prod_t_values=(), alpha_prod_prev_values=(), sigma_values=tuple(sigmas_tensor.tolist()),
+            input_divisor_values=tuple(((sigmas_tensor[:-1] ** 2 + 1) ** 0.5).tolist()))
+
+    def coefficients(self, state: SamplerState) -> RowCoefficients:
+        plan, index = state.plan, state.step_index
+        sigma = plan.sigma_values[index]
+        return RowCoefficients(sigma=sigma, sigma_next=plan.sigma_values[index + 1],
+                               input_divisor=plan.input_divisor_values[index])
+
+    def update(self, schedule: NoiseSchedule, model_output: torch.Tensor, sample: torch.Tensor, rows: GroupRows,
+               noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma, sigma_next = rows.sigma, rows.sigma_next
+        sample = sample.to(torch.float32)  # like diffusers: upcast, step, cast back
+        if schedule.prediction_type == "epsilon":
+            pred_original = sample - _as_column(sigma, model_output) * model_output
+        elif schedule.prediction_type == "sample":
+            pred_original = model_output
+        else:  # v_prediction
+            pred_original = model_output * _as_column(-sigma / (sigma**2 + 1) ** 0.5, model_output) + sample / (
+                _as_column(sigma**2 + 1, sample))
+        derivative = (sample - pred_original) / _as_column(sigma, sample)
+        prev_sample = sample + derivative * _as_column(sigma_next - sigma, sample)
+        return prev_sample.to(model_output.dtype), pred_original
+
+
+Sampler = DDIMSampler | DDPMSampler | EulerSampler
+SAMPLERS: dict[SamplerKind, Sampler] = {sampler.kind: sampler for sampler in (DDIMSampler(), DDPMSampler(), EulerSampler())}
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRows:
+    """The coefficients of the rows of one sampler kind, (b,) float32 each, in row order."""
+
+    alpha_prod_t: torch.Tensor
+    alpha_prod_prev: torch.Tensor
+    eta: torch.Tensor
+    sigma: torch.Tensor
+    sigma_next: torch.Tensor
 
 
 class NoiseSchedule:
@@ -350,18 +532,18 @@ class NoiseSchedule:
             raise ValueError(f"num_steps must be in [1, {self.num_train_timesteps}], got {num_steps}")
         plan = self._plans.get((kind, num_steps))
         if plan is None:
-            plan = self._euler_plan(num_steps) if kind is SamplerKind.EULER else self._discrete_plan(kind, num_steps)
+            plan = SAMPLERS[kind].plan(self, num_steps)
             self._plans[(kind, num_steps)] = plan
         return plan
 
-    def _spaced_timesteps(self, kind: SamplerKind, num_steps: int) -> np.ndarray:
-        """Descending float64 timesteps following diffusers' ``set_timesteps`` spacing rules."""
+    def spaced_timesteps(self, kind: SamplerKind, num_steps: int, integer: bool) -> np.ndarray:
+        """Descending float64 timesteps following diffusers' ``set_timesteps`` spacing rules;
+        ``integer``: rounded, as the discrete samplers use them."""
         total = self.num_train_timesteps
         spacing = self.spacing_for(kind)
         if spacing == "linspace":
             timesteps = np.linspace(0, total - 1, num_steps)[::-1]
-            # DDIM/DDPM round to integers; Euler keeps the fractional timesteps.
-            if kind is not SamplerKind.EULER:
+            if integer:
                 timesteps = timesteps.round()
         elif spacing == "leading":
             timesteps = (np.arange(num_steps) * (total // num_steps))[::-1].astype(np.float64) + self.steps_offset
@@ -377,52 +559,16 @@ class NoiseSchedule:
             )
         return timesteps
 
-    def _discrete_plan(self, kind: SamplerKind, num_steps: int) -> TimestepPlan:
-        timesteps = torch.from_numpy(self._spaced_timesteps(kind, num_steps).astype(np.int64))
-        if kind is SamplerKind.DDIM:
-            # DDIM jumps by a fixed stride whatever the spacing (diffusers' behaviour).
-            prev_timesteps = timesteps - self.num_train_timesteps // num_steps
-            final_alpha_prod = 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
-        else:
-            prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1], dtype=torch.int64)])
-            final_alpha_prod = 1.0
+    def discrete_plan(self, kind: SamplerKind, timesteps: torch.Tensor, prev_timesteps: torch.Tensor,
+                      final_alpha_prod: float) -> TimestepPlan:
+        """A DDIM/DDPM plan from its timesteps and where each step moves to (negative: the clean sample)."""
         alphas = self.alphas_cumprod.tolist()
         return TimestepPlan(
-            kind=kind,
-            timesteps=timesteps,
-            prev_timesteps=prev_timesteps,
-            sigmas=None,
-            init_noise_sigma=1.0,
+            kind=kind, timesteps=timesteps, prev_timesteps=prev_timesteps, sigmas=None, init_noise_sigma=1.0,
             model_timestep_values=tuple(float(t) for t in timesteps.tolist()),
             alpha_prod_t_values=tuple(alphas[t] for t in timesteps.tolist()),
             alpha_prod_prev_values=tuple(alphas[p] if p >= 0 else final_alpha_prod for p in prev_timesteps.tolist()),
-            sigma_values=(),
-        )
-
-    def _euler_plan(self, num_steps: int) -> TimestepPlan:
-        timesteps = self._spaced_timesteps(SamplerKind.EULER, num_steps).astype(np.float32)
-        training_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        # Linear interpolation of the training sigmas at (possibly fractional) timesteps.
-        sigmas = np.interp(timesteps, np.arange(self.num_train_timesteps), training_sigmas)
-        final_sigma = 0.0 if self.final_sigmas_type == "zero" else float(training_sigmas[0])
-        sigmas_tensor = torch.from_numpy(np.concatenate([sigmas, [final_sigma]]).astype(np.float32))
-        max_sigma = sigmas_tensor.max()
-        if self.spacing_for(SamplerKind.EULER) in ("linspace", "trailing"):
-            init_noise_sigma = float(max_sigma)
-        else:
-            init_noise_sigma = float((max_sigma**2 + 1) ** 0.5)
-        timesteps_tensor = torch.from_numpy(timesteps)
-        return TimestepPlan(
-            kind=SamplerKind.EULER,
-            timesteps=timesteps_tensor,
-            prev_timesteps=None,
-            sigmas=sigmas_tensor,
-            init_noise_sigma=init_noise_sigma,
-            model_timestep_values=tuple(timesteps_tensor.tolist()),
-            alpha_prod_t_values=(),
-            alpha_prod_prev_values=(),
-            sigma_values=tuple(sigmas_tensor.tolist()),
-        )
+            sigma_values=())
 
     def new_state(
         self,
@@ -435,7 +581,7 @@ class NoiseSchedule:
         eta = float(eta)
         if not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-        if eta != 0 and plan.kind is not SamplerKind.DDIM:
+        if eta != 0 and not SAMPLERS[plan.kind].takes_eta:
             raise ValueError(f"eta only applies to the ddim sampler, got eta={eta} for {plan.kind.value}")
         return SamplerState(plan=plan, eta=eta, generator=generator)
 
@@ -462,58 +608,28 @@ class NoiseSchedule:
         if not states:
             raise ValueError("a batch needs at least one row")
         target = torch.device(device) if device is not None else torch.device("cpu")
-        kinds: list[SamplerKind] = []
-        step_indices: list[int] = []
-        timesteps: list[float] = []
-        alpha_prod_t: list[float] = []
-        alpha_prod_prev: list[float] = []
-        etas: list[float] = []
-        sigmas: list[float] = []
-        sigmas_next: list[float] = []
-        draws_noise: list[bool] = []
+        coefficients: list[RowCoefficients] = []
         positions_by_kind: dict[SamplerKind, list[int]] = {}
         for row, state in enumerate(states):
             if state.finished:
                 raise ValueError(f"row {row} has already finished its {state.num_steps} steps")
-            plan, index = state.plan, state.step_index
-            kinds.append(plan.kind)
-            positions_by_kind.setdefault(plan.kind, []).append(row)
-            step_indices.append(index)
-            timesteps.append(plan.model_timestep_values[index])
-            etas.append(state.eta)
-            if plan.kind is SamplerKind.EULER:
-                alpha_prod_t.append(1.0)
-                alpha_prod_prev.append(1.0)
-                sigmas.append(plan.sigma_values[index])
-                sigmas_next.append(plan.sigma_values[index + 1])
-                draws_noise.append(False)  # s_churn = 0: deterministic
-            else:
-                alpha_prod_t.append(plan.alpha_prod_t_values[index])
-                alpha_prod_prev.append(plan.alpha_prod_prev_values[index])
-                sigmas.append(1.0)
-                sigmas_next.append(1.0)
-                if plan.kind is SamplerKind.DDIM:
-                    draws_noise.append(state.eta > 0)
-                else:  # DDPM adds noise at every step except t == 0
-                    draws_noise.append(plan.model_timestep_values[index] > 0)
+            positions_by_kind.setdefault(state.kind, []).append(row)
+            coefficients.append(SAMPLERS[state.kind].coefficients(state))
 
-        def as_vector(values: list[float] | torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(values, dtype=torch.float32).to(target)
+        def as_vector(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32).to(target)
 
-        sigma_vector = torch.tensor(sigmas, dtype=torch.float32)
-        is_euler = torch.tensor([kind is SamplerKind.EULER for kind in kinds])
-        input_divisor = torch.where(is_euler, (sigma_vector**2 + 1) ** 0.5, torch.ones_like(sigma_vector))
         return BatchRows(
-            kinds=tuple(kinds),
-            step_index=torch.tensor(step_indices, dtype=torch.int64).to(target),
-            timestep=as_vector(timesteps),
-            alpha_prod_t=as_vector(alpha_prod_t),
-            alpha_prod_prev=as_vector(alpha_prod_prev),
-            eta=as_vector(etas),
-            sigma=as_vector(sigma_vector),
-            sigma_next=as_vector(sigmas_next),
-            input_divisor=as_vector(input_divisor),
-            draws_noise=tuple(draws_noise),
+            kinds=tuple(state.kind for state in states),
+            step_index=torch.tensor([state.step_index for state in states], dtype=torch.int64).to(target),
+            timestep=as_vector([state.timestep for state in states]),
+            alpha_prod_t=as_vector([c.alpha_prod_t for c in coefficients]),
+            alpha_prod_prev=as_vector([c.alpha_prod_prev for c in coefficients]),
+            eta=as_vector([state.eta for state in states]),
+            sigma=as_vector([c.sigma for c in coefficients]),
+            sigma_next=as_vector([c.sigma_next for c in coefficients]),
+            input_divisor=as_vector([c.input_divisor for c in coefficients]),
+            draws_noise=tuple(c.draws_noise for c in coefficients),
             generators=tuple(state.generator for state in states),
             row_positions_by_kind={kind: tuple(positions) for kind, positions in positions_by_kind.items()},
             row_indices_by_kind={
@@ -540,8 +656,8 @@ class NoiseSchedule:
         """Identity for DDIM/DDPM rows; Euler rows are divided by sqrt(sigma^2 + 1)."""
         rows = self._as_rows(states_or_rows, sample.device)
         self._check_batch(sample, rows)
-        if SamplerKind.EULER not in rows.row_indices_by_kind:
-            return sample
+        if all(kind is not SamplerKind.EULER for kind in rows.row_indices_by_kind):
+            return sample  # every divisor is 1
         return sample / _as_column(rows.input_divisor, sample)
 
     @staticmethod
@@ -558,13 +674,13 @@ class NoiseSchedule:
 
     def step(
         self, model_output: torch.Tensor, sample: torch.Tensor, states: Sequence[SamplerState]
-    ) -> torch.Tensor:
-        """One denoising step for every row; returns prev_sample and advances the states."""
-        prev_sample = self.step_rows(model_output, sample, self.gather_rows(states, sample.device))
+    ) -> SamplerOutput:
+        """One denoising step for every row; advances the states."""
+        output = self.step_rows(model_output, sample, self.gather_rows(states, sample.device))
         self.advance(states)
-        return prev_sample
+        return output
 
-    def step_rows(self, model_output: torch.Tensor, sample: torch.Tensor, rows: BatchRows) -> torch.Tensor:
+    def step_rows(self, model_output: torch.Tensor, sample: torch.Tensor, rows: BatchRows) -> SamplerOutput:
         """One denoising step for every row of the batch, each with its own kind and position.
 
         Rows are grouped by kind (one set of tensor ops per kind present); all per-row
@@ -575,12 +691,15 @@ class NoiseSchedule:
         self._check_batch(sample, rows)
         if len(rows.row_indices_by_kind) == 1:
             (kind,) = rows.row_indices_by_kind
-            return self._update_rows(kind, model_output, sample, rows, row_index=None).to(sample.dtype)
+            prev_sample, pred_original = self._update_rows(kind, model_output, sample, rows, row_index=None)
+            return SamplerOutput(prev_sample.to(sample.dtype), pred_original.to(torch.float32))
         prev_sample = torch.empty_like(sample)
+        pred_original_sample = torch.empty(sample.shape, dtype=torch.float32, device=sample.device)
         for kind, row_index in rows.row_indices_by_kind.items():
-            update = self._update_rows(kind, model_output, sample, rows, row_index)
+            update, pred_original = self._update_rows(kind, model_output, sample, rows, row_index)
             prev_sample.index_copy_(0, row_index, update.to(sample.dtype))
-        return prev_sample
+            pred_original_sample.index_copy_(0, row_index, pred_original.to(torch.float32))
+        return SamplerOutput(prev_sample, pred_original_sample)
 
     def _update_rows(
         self,
@@ -589,7 +708,7 @@ class NoiseSchedule:
         sample: torch.Tensor,
         rows: BatchRows,
         row_index: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``kind``'s update for the rows in ``row_index`` (all rows when None), in that order."""
 
         def take(values: torch.Tensor) -> torch.Tensor:
@@ -597,13 +716,9 @@ class NoiseSchedule:
 
         model_output, sample = take(model_output), take(sample)
         noise = self._group_noise(model_output, rows, rows.row_positions_by_kind[kind])
-        if kind is SamplerKind.DDIM:
-            return self._ddim_update(
-                model_output, sample, take(rows.alpha_prod_t), take(rows.alpha_prod_prev), take(rows.eta), noise
-            )
-        if kind is SamplerKind.DDPM:
-            return self._ddpm_update(model_output, sample, take(rows.alpha_prod_t), take(rows.alpha_prod_prev), noise)
-        return self._euler_update(model_output, sample, take(rows.sigma), take(rows.sigma_next))
+        group = GroupRows(take(rows.alpha_prod_t), take(rows.alpha_prod_prev), take(rows.eta), take(rows.sigma),
+                          take(rows.sigma_next))
+        return SAMPLERS[kind].update(self, model_output, sample, group, noise)
 
     @staticmethod
     def _group_noise(
@@ -624,105 +739,7 @@ class NoiseSchedule:
                 pieces.append(zeros_row)
         return torch.cat(pieces, dim=0)
 
-    def _clip(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
+    def clip(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
         if not self.clip_sample:
             return pred_original_sample
         return pred_original_sample.clamp(-self.clip_sample_range, self.clip_sample_range)
-
-    def _ddim_update(
-        self,
-        model_output: torch.Tensor,
-        sample: torch.Tensor,
-        alpha_prod_t: torch.Tensor,
-        alpha_prod_prev: torch.Tensor,
-        eta: torch.Tensor,
-        noise: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """DDIM (Song et al. 2020, eq. 12), eta per row; eta = 1 is DDPM-like ancestral sampling."""
-        beta_prod_t = 1 - alpha_prod_t
-        beta_prod_prev = 1 - alpha_prod_prev
-        sqrt_alpha_t = _as_column(alpha_prod_t**0.5, sample)
-        sqrt_beta_t = _as_column(beta_prod_t**0.5, sample)
-        if self.prediction_type == "epsilon":
-            pred_original = (sample - sqrt_beta_t * model_output) / sqrt_alpha_t
-            pred_epsilon = model_output
-        elif self.prediction_type == "sample":
-            pred_original = model_output
-            pred_epsilon = (sample - sqrt_alpha_t * pred_original) / sqrt_beta_t
-        else:  # v_prediction
-            pred_original = sqrt_alpha_t * sample - sqrt_beta_t * model_output
-            pred_epsilon = sqrt_alpha_t * model_output + sqrt_beta_t * sample
-        # Clipping x0 does not feed back into pred_epsilon (use_clipped_model_output=False).
-        pred_original = self._clip(pred_original)
-
-        variance = (beta_prod_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
-        std_dev = eta * variance**0.5
-        direction_coeff = (1 - alpha_prod_prev - std_dev**2) ** 0.5
-        prev_sample = _as_column(alpha_prod_prev**0.5, sample) * pred_original + _as_column(
-            direction_coeff, sample
-        ) * pred_epsilon
-        if noise is not None:
-            prev_sample = prev_sample + _as_column(std_dev, noise) * noise
-        return prev_sample
-
-    def _ddpm_update(
-        self,
-        model_output: torch.Tensor,
-        sample: torch.Tensor,
-        alpha_prod_t: torch.Tensor,
-        alpha_prod_prev: torch.Tensor,
-        noise: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Ancestral DDPM step (Ho et al. 2020, eqs. 6-7) between two planned timesteps."""
-        beta_prod_t = 1 - alpha_prod_t
-        beta_prod_prev = 1 - alpha_prod_prev
-        current_alpha = alpha_prod_t / alpha_prod_prev
-        current_beta = 1 - current_alpha
-        if self.prediction_type == "epsilon":
-            pred_original = (sample - _as_column(beta_prod_t**0.5, sample) * model_output) / _as_column(
-                alpha_prod_t**0.5, sample
-            )
-        elif self.prediction_type == "sample":
-            pred_original = model_output
-        else:  # v_prediction
-            pred_original = _as_column(alpha_prod_t**0.5, sample) * sample - _as_column(
-                beta_prod_t**0.5, sample
-            ) * model_output
-        pred_original = self._clip(pred_original)
-
-        # Mean of the posterior q(x_prev | x_t, x_0).
-        original_coeff = (alpha_prod_prev**0.5 * current_beta) / beta_prod_t
-        sample_coeff = current_alpha**0.5 * beta_prod_prev / beta_prod_t
-        prev_sample = _as_column(original_coeff, sample) * pred_original + _as_column(sample_coeff, sample) * sample
-        if noise is None:
-            return prev_sample
-        if self.variance_type == "fixed_large":
-            noise_std = current_beta**0.5
-        else:
-            posterior_variance = torch.clamp(beta_prod_prev / beta_prod_t * current_beta, min=1e-20)
-            if self.variance_type == "fixed_small":
-                noise_std = posterior_variance**0.5
-            else:  # fixed_small_log: the same std, computed through the log as diffusers does
-                noise_std = torch.exp(0.5 * torch.log(posterior_variance))
-        return prev_sample + _as_column(noise_std, noise) * noise
-
-    def _euler_update(
-        self,
-        model_output: torch.Tensor,
-        sample: torch.Tensor,
-        sigma: torch.Tensor,
-        sigma_next: torch.Tensor,
-    ) -> torch.Tensor:
-        """Euler step of the probability-flow ODE in sigma space (Karras et al. 2022, s_churn = 0)."""
-        sample = sample.to(torch.float32)  # like diffusers: upcast, step, cast back
-        if self.prediction_type == "epsilon":
-            pred_original = sample - _as_column(sigma, model_output) * model_output
-        elif self.prediction_type == "sample":
-            pred_original = model_output
-        else:  # v_prediction
-            pred_original = model_output * _as_column(-sigma / (sigma**2 + 1) ** 0.5, model_output) + sample / (
-                _as_column(sigma**2 + 1, sample)
-            )
-        derivative = (sample - pred_original) / _as_column(sigma, sample)
-        prev_sample = sample + derivative * _as_column(sigma_next - sigma, sample)
-        return prev_sample.to(model_output.dtype)

@@ -107,7 +107,7 @@ def run_ours_alone(schedule: NoiseSchedule, state: SamplerState, x: torch.Tensor
     while not state.finished:
         t = schedule.model_timesteps([state])
         model_output = fake_model(schedule.scale_model_input(x, [state]), t)
-        x = schedule.step(model_output, x, [state])
+        x = schedule.step(model_output, x, [state]).prev_sample
     return x
 
 
@@ -207,7 +207,7 @@ def test_mixed_batch_rows_equal_rows_run_alone(config_name: str) -> None:
     for index, (_, _, _, steps_alone, _) in enumerate(BATCH_ROWS):
         state, x = fresh_row(index)
         for _ in range(steps_alone):
-            x = schedule.step(fake_model(schedule.scale_model_input(x, [state]), state.timestep), x, [state])
+            x = schedule.step(fake_model(schedule.scale_model_input(x, [state]), state.timestep), x, [state]).prev_sample
         states.append(state)
         samples.append(x)
 
@@ -223,7 +223,7 @@ def test_mixed_batch_rows_equal_rows_run_alone(config_name: str) -> None:
         saw_mixed_kinds |= len(rows.row_indices_by_kind) == 3
         x = torch.cat([samples[i] for i in active])
         model_output = fake_model(schedule.scale_model_input(x, rows), rows.timestep)
-        x = schedule.step_rows(model_output, x, rows)
+        x = schedule.step_rows(model_output, x, rows).prev_sample
         schedule.advance(batch_states)
         for position, i in enumerate(active):
             samples[i] = x[position : position + 1]
@@ -247,8 +247,8 @@ def test_batched_step_keeps_half_precision_dtype() -> None:
     ]
     for state in reference_states:
         state.step_index = 4
-    reference = schedule.step(model_output, x, reference_states)
-    half = schedule.step(model_output.bfloat16(), x.bfloat16(), states)
+    reference = schedule.step(model_output, x, reference_states).prev_sample
+    half = schedule.step(model_output.bfloat16(), x.bfloat16(), states).prev_sample
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), reference, atol=0.05, rtol=0.05)
     scaled = schedule.scale_model_input(x.bfloat16(), states)
@@ -295,3 +295,26 @@ def test_invalid_requests_are_rejected() -> None:
         schedule.step(x, x, [state])
     with pytest.raises(ValueError, match="batch size"):
         schedule.step(torch.zeros((2, 1, 4, 4)), torch.zeros((2, 1, 4, 4)), [schedule.new_state("ddim", 2)])
+
+
+@pytest.mark.parametrize("config_name", ["sd_scaled_linear_leading", "sd_trailing_v_prediction", "cosine_linspace_sample"])
+@pytest.mark.parametrize("kind, eta", SAMPLERS)
+def test_each_steps_x0_estimate_is_diffusers_pred_original_sample(config_name: str, kind: SamplerKind,
+                                                                  eta: float) -> None:
+    """What previews show: every step's pred_original_sample, equal to diffusers' at that step."""
+    config = CONFIGS[config_name]
+    num_steps = 7
+    reference = make_diffusers_scheduler(config, kind, num_steps)
+    schedule = NoiseSchedule.from_config(config)
+    state = schedule.new_state(kind, num_steps, eta=eta, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn((1, 2, 4, 4), generator=torch.Generator().manual_seed(9))
+    ours = theirs = noise * reference.init_noise_sigma
+    extra = {"eta": eta} if kind is SamplerKind.DDIM else {}
+    for t in reference.timesteps:
+        expected = reference.step(fake_model(reference.scale_model_input(theirs, t), t), t, theirs,
+                                  generator=generator, **extra)
+        stepped = schedule.step(fake_model(schedule.scale_model_input(ours, [state]), schedule.model_timesteps([state])),
+                                ours, [state])
+        assert torch.allclose(stepped.pred_original_sample, expected.pred_original_sample, atol=1e-5, rtol=1e-5)
+        ours, theirs = stepped.prev_sample, expected.prev_sample
