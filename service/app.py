@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import generate, system
+from service.api import generate, playground, system
 from service.api.errors import install_error_handlers
 from service.runtime.engine_client import EngineClient
 from service.settings import Settings
@@ -36,4 +36,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(system.router)
     app.include_router(generate.router)
+    app.include_router(playground.router)
     return app

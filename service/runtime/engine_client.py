@@ -92,6 +92,11 @@ class EngineClient:
         threading.Thread(target=self._read_results, name="engine-core-reader", daemon=True).start()
 
     @property
+    def core_pid(self) -> int | None:
+        """The engine-core process's pid (None before it starts)."""
+        return self._process.pid
+
+    @property
     def alive(self) -> bool:
         return self._process.is_alive()
 
