@@ -276,7 +276,7 @@ function renderMetrics(samples) {
     const table = document.createElement("table");
     table.dataset.paradigm = paradigm;
     table.innerHTML = `<caption style="text-align:left;font-weight:600">${paradigm}</caption>` +
-      "<tr><th></th><th>count</th><th>p50</th><th>p95</th><th>p99</th><th>buckets</th></tr>";
+      "<tr><th></th><th>count</th><th>p50</th><th>p95</th><th>p99</th><th>shape</th></tr>";
     for (const [histogram, title] of histograms) {
       const buckets = bucketsOf(samples, histogram, paradigm);
       const row = table.insertRow();
