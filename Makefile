@@ -3,12 +3,16 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# Installed first and on its own: the project accepts torch>=2.4 (the CUDA image installs a CUDA wheel),
+# but a fresh `make test` must keep the CPU build this pin resolves to here, not the newest (CUDA) release.
+TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup serve test bench-ar bench-diffusion clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 

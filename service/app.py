@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import generate, jobs, system
+from service.api import generate, jobs, playground, system
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi
 from service.runtime.engine_client import EngineClient
@@ -39,4 +39,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(generate.router)
     app.include_router(jobs.router)
+    app.include_router(playground.router)
     return app

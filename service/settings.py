@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service import cpu_quota
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -32,9 +34,9 @@ def default_models() -> dict[str, Path]:
 
 
 def _usable_cpus() -> set[int]:
-    import os
-
-    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    """CPU ids this process may run on (the pinning split); how many of them it may keep busy is
+    ``cpu_quota.usable_cpu_count``, which also reads the container's cgroup CPU quota."""
+    return cpu_quota.affinity_cpus()
 
 
 class Settings(BaseSettings):
@@ -119,7 +121,7 @@ class Settings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_cpu_threads(self) -> int:
-        return self.cpu_threads or max(1, len(_usable_cpus()) - 1)
+        return self.cpu_threads or max(1, cpu_quota.usable_cpu_count() - 1)
 
     def cpu_split(self) -> tuple[set[int], set[int]] | None:
         """(engine-core cpus, front-end cpus) when pinning applies, else None."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -9,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.runtime.engine_client import CoreState, EngineClient
 from service.runtime.messages import ModelInfo
 from service.runtime.metrics import exposition_registry
+from service.runtime.process_metrics import process_metrics_text
 
 router = APIRouter()
 
@@ -52,5 +55,6 @@ async def models(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
-    return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    processes = process_metrics_text({"frontend": os.getpid(), "engine_core": _client(request).core_pid})
+    return Response(generate_latest(exposition_registry()) + processes, media_type=CONTENT_TYPE_LATEST)

@@ -198,6 +198,7 @@ class EngineClient:
 
     @property
     def core_pid(self) -> int | None:
+        """The current engine-core process's pid (None before it starts)."""
         return None if self._core is None else self._core.pid
 
     @property
