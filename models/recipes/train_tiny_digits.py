@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from loadtest.digits_data import load_upscaled_digits
+from models.recipes.digits_data import load_upscaled_digits
 
 SEED = 0
 TRAIN_STEPS = 2400

@@ -82,18 +82,12 @@ class ImageGenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, le=100.0, description="> 1 turns on classifier-free guidance")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="image i uses seed + i")
     n: int = Field(1, ge=1, description="images in this request")
-    width: int | None = Field(None, ge=8, description="pixels, a multiple of 8; default: the model's")
-    height: int | None = Field(None, ge=8, description="pixels, a multiple of 8; default: the model's")
+    width: int | None = Field(None, ge=8, description="pixels; default: the model's (a text-to-image model "
+                              "takes multiples of its VAE factor, at least 8)")
+    height: int | None = Field(None, ge=8, description="pixels; default: the model's")
     stream: bool = False
     timeout_s: float | None = Field(None, gt=0, le=86400, description="deadline; default from settings")
     preview_every: int | None = Field(None, ge=1, description="a PNG preview with every k-th progress event")
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_eight(cls, value: int | None) -> int | None:
-        if value is not None and value % 8:
-            raise ValueError(f"must be a multiple of 8, got {value}")
-        return value
 
 
 REQUEST_SCHEMAS: dict[str, type[BaseModel]] = {"autoregressive": TextGenerateRequest,

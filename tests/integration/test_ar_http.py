@@ -100,11 +100,18 @@ def test_logprobs_and_prompt_scoring(client: httpx.Client) -> None:
     assert all(len(entry["top_logprobs"]) == 2 for entry in generated["logprobs"])
 
 
-def test_chat_messages_use_the_chat_template(client: httpx.Client) -> None:
-    response = client.post("/generate", json={**AR, "messages": [{"role": "user", "content": "hi"}],
-                                              "max_tokens": 3, "temperature": 0})
-    assert response.status_code == 200
-    assert response.json()["usage"]["prompt_tokens"] > 2
+def test_chat_messages_are_the_token_ids_transformers_templates(client: httpx.Client, model_dir: Path) -> None:
+    import transformers
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    expected = transformers.AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    expected_ids = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    response = client.post("/generate", json={**AR, "messages": messages, "max_tokens": 0, "prompt_logprobs": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [entry["token_id"] for entry in body["prompt_logprobs"]] == expected_ids
+    assert body["usage"]["prompt_tokens"] == len(expected_ids)
 
 
 @pytest.mark.parametrize("body, status", [
@@ -132,7 +139,8 @@ def test_bad_input_gets_a_json_4xx(client: httpx.Client, body: dict, status: int
                                                  and "model" not in body and body else {}), **body})
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert error["type"] and error["message"]
+    expected_type = {404: "model_not_found", 413: "prompt_too_long"}.get(status, "validation_error")
+    assert error["type"] == expected_type and error["message"]
     assert client.get("/health").status_code == 200
 
 
@@ -146,13 +154,16 @@ def test_bad_input_gets_a_json_4xx(client: httpx.Client, body: dict, status: int
 def test_malformed_bodies(client: httpx.Client, raw: bytes, status: int) -> None:
     response = client.post("/generate", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
-    assert "error" in response.json()
+    expected_type = {400: "invalid_json", 413: "body_too_large"}.get(status, "validation_error")
+    assert response.json()["error"]["type"] == expected_type
     assert client.post("/generate", json={**AR, "prompt": "still ok", "max_tokens": 2}).status_code == 200
 
 
 def test_unknown_route_and_method_are_json(client: httpx.Client) -> None:
-    assert client.get("/generate").json()["error"]["type"] == "http_error"
-    assert client.get("/nope").status_code == 404
+    wrong_method = client.get("/generate")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "http_error"
+    missing = client.get("/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "http_error"
 
 
 def test_client_disconnect_cancels_and_frees_blocks(client: httpx.Client) -> None:

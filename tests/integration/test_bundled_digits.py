@@ -31,9 +31,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="module")
-def classifier():  # -> loadtest.digits_data.DigitClassifier
+def classifier():  # -> models.recipes.digits_data.DigitClassifier
     pytest.importorskip("sklearn")
-    from loadtest.digits_data import train_digit_classifier
+    from models.recipes.digits_data import train_digit_classifier
 
     return train_digit_classifier()
 

@@ -95,7 +95,7 @@ def test_text_to_image_with_negative_prompt(client: httpx.Client) -> None:
 @pytest.mark.parametrize("body, status, text", [
     ({**DIGITS, "prompt": "one", "steps": 0}, 422, "steps"),
     ({**DIGITS, "prompt": "one", "steps": MAX_STEPS + 1}, 422, "limit"),
-    ({**DIGITS, "prompt": "one", "width": 20}, 422, "multiple of 8"),
+    ({**DIGITS, "prompt": "one", "width": 20}, 422, "16x16 images only"),
     ({**DIGITS, "prompt": "one", "width": 32, "height": 32}, 422, "16x16"),
     ({"model": "sd", "prompt": "a cat", "width": 36}, 422, "multiple of 8"),
     ({**DIGITS, "prompt": "one", "scheduler": "plms"}, 422, "scheduler"),
@@ -113,7 +113,9 @@ def test_bad_input_gets_a_json_4xx(client: httpx.Client, body: dict, status: int
     response = client.post("/generate", json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert error["type"] and text in error["message"]
+    expected_type = {404: "model_not_found"}.get(status, "unknown_label" if "valid labels" in text else "validation_error")
+    assert error["type"] == expected_type and text in error["message"]
+    assert client.get("/health").status_code == 200
 
 
 def test_nan_guidance_is_rejected(client: httpx.Client) -> None:
