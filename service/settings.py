@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     diffusion_max_batch_size: int = Field(
         32, ge=1, description="most UNet rows in one denoise step; an image with guidance counts twice")
     max_denoise_steps: int = Field(200, ge=1, description="largest 'steps' a diffusion request may ask for")
-    default_denoise_steps: int = Field(50, ge=1, description="denoise steps when a request omits 'steps'")
+    default_denoise_steps: int = Field(50, ge=1, description="denoise steps when an image request omits 'steps'")
+    default_text_denoise_steps: int = Field(64, ge=1, description="denoise steps when a diffusion text request "
+                                            "omits 'steps'")
     default_scheduler: Literal["model", "ddim", "ddpm", "euler"] = Field(
         "model", description="sampler when a request omits 'scheduler'; model = the model folder's own "
                              "scheduler when it is one of ddim/ddpm/euler, else ddim")

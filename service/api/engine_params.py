@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from service.api.schemas import ImageGenerateRequest, TextGenerateRequest
+from service.api.schemas import ImageGenerateRequest, MaskedTextGenerateRequest, TextGenerateRequest
 from service.ar.params import ChatMessage, SamplingParams, TextRequest
 from service.common.errors import InvalidRequest
 from service.diffusion.params import ImageParams
 from service.runtime.messages import ModelInfo
 from service.settings import Settings
+from service.text_diffusion.params import MaskedTextRequest
 
 
 def with_model_defaults(body: BaseModel, info: ModelInfo) -> dict[str, object]:
@@ -75,3 +76,17 @@ def image_params(body: ImageGenerateRequest, settings: Settings, info: ModelInfo
         scheduler=None if scheduler is None else str(scheduler), eta=body.eta,
         guidance_scale=None if guidance is None else float(guidance),  # type: ignore[arg-type]
         seed=body.seed, num_images=body.n, width=body.width, height=body.height, preview_every=body.preview_every)
+
+
+def masked_text_request(body: MaskedTextGenerateRequest, settings: Settings, info: ModelInfo) -> MaskedTextRequest:
+    values = with_model_defaults(body, info)
+    max_tokens = settings.default_max_tokens if values.get("max_tokens") is None else int(values["max_tokens"])  # type: ignore[arg-type]
+    steps = settings.default_text_denoise_steps if values.get("steps") is None else int(values["steps"])  # type: ignore[arg-type]
+    _at_most("max_tokens", max_tokens, settings.max_tokens_limit)
+    if "steps" not in body.model_fields_set:
+        steps = min(steps, settings.max_denoise_steps)  # a default never exceeds the server's limit
+    _at_most("steps", steps, settings.max_denoise_steps)
+    return MaskedTextRequest(
+        prompt=body.prompt, max_tokens=max_tokens, steps=steps, remasking=body.remasking,
+        block_length=body.block_length, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+        seed=body.seed, prompt_elbo=body.prompt_elbo, elbo_samples=body.elbo_samples, progress_text=body.stream)

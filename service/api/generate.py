@@ -13,12 +13,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
 
-from service.api.engine_params import image_params, text_request
+from service.api.engine_params import image_params, masked_text_request, text_request
 from service.api.errors import APIError, api_error, error_response
 from service.api.generate_format import delta_events, error_json, error_of, result_body
 from service.api.openapi import request_body
 from service.api.routing import resolve_model
-from service.api.schemas import ImageGenerateRequest, TextGenerateRequest
+from service.api.schemas import ImageGenerateRequest, MaskedTextGenerateRequest, TextGenerateRequest
 from service.api.streaming import SSE_PING, ClientDisconnected, final_output, output_batches, sse_event
 from service.common.errors import EngineError
 from service.runtime.engine_client import CoreState, EngineClient, RequestStream
@@ -89,17 +89,20 @@ async def prepare(request: Request) -> PreparedRequest:
     model = resolve_model(paradigms, body.get("model"), body.get("paradigm"))
     info = client.models[model]
     params: EngineParams
-    validated: TextGenerateRequest | ImageGenerateRequest
+    validated: TextGenerateRequest | ImageGenerateRequest | MaskedTextGenerateRequest
     if info.paradigm == "autoregressive":
         validated = TextGenerateRequest.model_validate({**body, "model": model})
         params = text_request(validated, settings, info)
+    elif info.details.get("modality") == "text":
+        validated = MaskedTextGenerateRequest.model_validate({**body, "model": model})
+        params = masked_text_request(validated, settings, info)
     else:
         validated = ImageGenerateRequest.model_validate({**body, "model": model})
         params = image_params(validated, settings, info)
     return PreparedRequest(model, params, validated.stream, validated.timeout_s)
 
 
-@router.post("/generate", response_model=None, openapi_extra=request_body(TextGenerateRequest, ImageGenerateRequest))
+@router.post("/generate", response_model=None, openapi_extra=request_body(TextGenerateRequest, ImageGenerateRequest, MaskedTextGenerateRequest))
 async def generate(request: Request) -> Response:
     """Text (autoregressive) or images (diffusion), by the model or `paradigm` named in the body."""
     settings: Settings = request.app.state.settings

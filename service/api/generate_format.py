@@ -16,6 +16,7 @@ from service.common.errors import EngineError
 from service.common.outputs import RequestOutput
 from service.diffusion.outputs import ImageProgress, ImageResult
 from service.runtime.engine_client import RequestStream
+from service.text_diffusion.outputs import ElboBound, MaskedTextProgress, MaskedTextResult
 
 
 def b64(data: bytes) -> str:
@@ -61,6 +62,14 @@ def progress_event(progress: ImageProgress) -> dict[str, Any]:
     return data
 
 
+def elbo_json(bound: ElboBound) -> dict[str, Any]:
+    return {"nats": bound.nats, "bits_per_character": bound.bits_per_character,
+            "nats_per_token": bound.nats / bound.tokens if bound.tokens else None,
+            "standard_error_nats": bound.standard_error_nats, "tokens": bound.tokens,
+            "characters": bound.characters, "samples": bound.samples,
+            "kind": "negative ELBO: an upper bound on the negative log-likelihood"}
+
+
 def result_body(stream: RequestStream, output: RequestOutput) -> dict[str, Any]:
     """The body of a finished request: the JSON answer, and the SSE ``done`` event."""
     result = output.result
@@ -79,6 +88,15 @@ def result_body(stream: RequestStream, output: RequestOutput) -> dict[str, Any]:
         if result.prompt_logprobs is not None:
             body["prompt_logprobs"] = [{"token_id": e.token_id, "token": e.token, "logprob": e.logprob}
                                        for e in result.prompt_logprobs]
+    elif isinstance(result, MaskedTextResult):
+        body.update({
+            "modality": "text", "text": result.text, "token_ids": list(result.token_ids),
+            "finish_reason": result.finish_reason, "steps": result.steps,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "timings": {"queue_s": timings.queue_s, "ttft_s": None, "total_s": timings.total_s} if timings else None,
+        })
+        if result.prompt_elbo is not None:
+            body["prompt_elbo"] = elbo_json(result.prompt_elbo)
     elif isinstance(result, ImageResult):
         body.update({
             "images": [{"png_base64": b64(image.png), "seed": image.seed} for image in result.images],
@@ -106,5 +124,10 @@ def delta_events(outputs: list[RequestOutput]) -> list[tuple[str, dict[str, Any]
         elif isinstance(output.delta, ImageProgress):
             flush_text()
             events.append(("progress", progress_event(output.delta)))
+        elif isinstance(output.delta, MaskedTextProgress):
+            data: dict[str, Any] = {"step": output.delta.step, "steps": output.delta.steps}
+            if output.delta.text is not None:
+                data["text"] = output.delta.text
+            events.append(("progress", data))
     flush_text()
     return events

@@ -23,7 +23,7 @@ from service.api.errors import APIError, api_error
 from service.api.generate import SSE_HEADERS, prepare, submit
 from service.api.generate_format import delta_events, error_json, error_of, result_body
 from service.api.openapi import request_body
-from service.api.schemas import ImageGenerateRequest, TextGenerateRequest
+from service.api.schemas import ImageGenerateRequest, MaskedTextGenerateRequest, TextGenerateRequest
 from service.api.streaming import SSE_PING, sse_event
 from service.common.errors import EngineUnavailable
 from service.runtime.engine_client import Disconnected, RequestStream
@@ -141,7 +141,7 @@ def job_store(request: Request) -> JobStore:
     return store
 
 
-@router.post("/jobs", status_code=202, openapi_extra=request_body(TextGenerateRequest, ImageGenerateRequest))
+@router.post("/jobs", status_code=202, openapi_extra=request_body(TextGenerateRequest, ImageGenerateRequest, MaskedTextGenerateRequest))
 async def create_job(request: Request) -> JSONResponse:
     """Queue a /generate body as a job; poll `status_url` or follow `events_url`."""
     settings: Settings = request.app.state.settings

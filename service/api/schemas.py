@@ -90,5 +90,32 @@ class ImageGenerateRequest(BaseModel):
     preview_every: int | None = Field(None, ge=1, description="a PNG preview with every k-th progress event")
 
 
-REQUEST_SCHEMAS: dict[str, type[BaseModel]] = {"autoregressive": TextGenerateRequest,
-                                                "diffusion": ImageGenerateRequest}
+class MaskedTextGenerateRequest(BaseModel):
+    """Text by masked diffusion: ``max_tokens`` masked positions after the prompt, revealed over ``steps``
+    steps, each step one forward over the whole sequence."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    paradigm: Literal["diffusion"] | None = None
+    model: str | None = None
+    prompt: str = Field("", description="a fixed prefix")
+    max_tokens: int | None = Field(None, ge=0, description="masked positions to generate; 0 only with prompt_elbo")
+    steps: int | None = Field(None, ge=1, description="denoising steps; default and maximum from settings")
+    remasking: Literal["low_confidence", "random"] = Field(
+        "low_confidence", description="which predictions each step keeps: the most confident (LLaDA) or random ones")
+    block_length: int | None = Field(None, ge=1, description="semi-autoregressive blocks of this many positions")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = argmax")
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    prompt_elbo: bool = Field(False, description="estimate the prompt's ELBO: an upper BOUND on its negative "
+                              "log-likelihood (nats and bits per character), not a logprob")
+    elbo_samples: int = Field(16, ge=1, le=1024, description="masked copies averaged for the ELBO estimate")
+    stream: bool = False
+    timeout_s: float | None = Field(None, gt=0, le=86400, description="deadline; default from settings")
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "MaskedTextGenerateRequest":
+        if self.max_tokens == 0 and not self.prompt_elbo:
+            raise ValueError("max_tokens 0 is only allowed with prompt_elbo: true")
+        return self

@@ -42,6 +42,7 @@ class AREngineConfig:
 
 class AREngine:
     paradigm = PARADIGM
+    modality = "text"
 
     def __init__(self, name: str, loaded: LoadedCausalLM, config: AREngineConfig, device: torch.device,
                  dtype: torch.dtype) -> None:

@@ -46,6 +46,7 @@ class DiffusionEngineConfig:
 
 class DiffusionEngine:
     paradigm = PARADIGM
+    modality = "image"
 
     def __init__(self, name: str, pipeline: DenoisingPipeline, config: DiffusionEngineConfig,
                  device: torch.device, dtype: torch.dtype) -> None:

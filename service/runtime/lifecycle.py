@@ -28,7 +28,8 @@ Emit = Callable[[list[RequestOutput]], None]
 
 class Engine(Protocol):
     name: str
-    paradigm: str
+    paradigm: str  # autoregressive, diffusion
+    modality: str  # text, image
 
     def add_request(self, request_id: str, params: Any) -> None: ...
 
@@ -76,7 +77,7 @@ class ServedEngine:
         self.max_queue = max_queue
         self._emit = emit
         self._requests: dict[str, TrackedRequest] = {}
-        self._recorder = metrics.EngineRecorder(engine.paradigm, engine.name)
+        self._recorder = metrics.EngineRecorder(engine.paradigm, engine.modality, engine.name)
         self._fail_at_steps = fail_at_steps
         self.steps_run = 0
 

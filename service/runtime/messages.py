@@ -15,8 +15,9 @@ from service.ar.params import TextRequest
 from service.common.errors import EngineError
 from service.common.outputs import RequestOutput
 from service.diffusion.params import ImageParams
+from service.text_diffusion.params import MaskedTextRequest
 
-EngineParams = TextRequest | ImageParams
+EngineParams = TextRequest | ImageParams | MaskedTextRequest
 
 
 # ---- front end -> core ----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from service.ar.loader import load_causal_lm
 from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
 from service.diffusion.pipelines import load_diffusion_pipeline
 from service.runtime.lifecycle import Engine
+from service.text_diffusion.engine import MaskedTextEngine, MaskedTextEngineConfig
+from service.text_diffusion.loader import is_masked_diffusion_folder, load_masked_diffusion_lm
 from service.runtime.messages import ModelInfo
 from service.settings import Settings
 
@@ -26,10 +28,11 @@ MODEL_DEFAULTS_FILE = "genserve.json"
 
 
 def detect_paradigm(path: Path) -> str:
-    """``model_index.json`` means a diffusers pipeline; an HF ``config.json`` means a causal LM."""
+    """``model_index.json`` means a diffusers pipeline; a ``config.json`` of our masked-diffusion LM means
+    diffusion text; any other HF ``config.json`` means a causal LM."""
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    if (path / "model_index.json").is_file():
+    if (path / "model_index.json").is_file() or is_masked_diffusion_folder(path):
         return DIFFUSION
     config = path / "config.json"
     if config.is_file():
@@ -63,6 +66,9 @@ def build_engine(name: str, path: Path, settings: Settings) -> Engine:
     dtype = torch_dtype(settings.resolved_dtype())
     if paradigm == AUTOREGRESSIVE:
         return AREngine(name, load_causal_lm(path, device, dtype), ar_engine_config(settings), device, dtype)
+    if is_masked_diffusion_folder(path):
+        config = MaskedTextEngineConfig(max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len)
+        return MaskedTextEngine(name, load_masked_diffusion_lm(path, device, dtype), config, device)
     return DiffusionEngine(name, load_diffusion_pipeline(path, device, dtype), diffusion_engine_config(settings),
                            device, dtype)
 
@@ -83,6 +89,9 @@ def model_info(name: str, path: Path, engine: Engine, settings: Settings) -> Mod
     if engine.paradigm == AUTOREGRESSIVE:
         defaults: dict[str, object] = {"max_tokens": settings.default_max_tokens}
         details = {**details, "max_tokens_limit": settings.max_tokens_limit, "max_logprobs": settings.max_logprobs}
+    elif engine.modality == "text":
+        defaults = {"max_tokens": settings.default_max_tokens, "steps": settings.default_text_denoise_steps}
+        details = {**details, "max_steps": settings.max_denoise_steps, "max_tokens_limit": settings.max_tokens_limit}
     else:
         scheduler = (settings.default_scheduler if settings.default_scheduler != "model"
                      else details.get("default_scheduler"))
@@ -91,7 +100,7 @@ def model_info(name: str, path: Path, engine: Engine, settings: Settings) -> Mod
         details = {**details, "max_steps": settings.max_denoise_steps,
                    "max_images_per_request": settings.max_images_per_request}
     defaults.update(read_request_defaults(path))
-    return ModelInfo(name, engine.paradigm, details, defaults)
+    return ModelInfo(name, engine.paradigm, {"modality": engine.modality, **details}, defaults)
 
 
 def load_engines(settings: Settings) -> tuple[list[Engine], list[ModelInfo]]:
