@@ -29,8 +29,10 @@ def parse_model_specs(specs: list[str] | str) -> dict[str, Path]:
 def default_models() -> dict[str, Path]:
     """The bundled models that exist in ``models/``."""
     bundled = {"tiny-shakespeare": REPO_ROOT / "models" / "tiny-shakespeare",
-               "tiny-digits": REPO_ROOT / "models" / "tiny-digits"}
-    return {name: path for name, path in bundled.items() if path.is_dir()}
+               "tiny-digits": REPO_ROOT / "models" / "tiny-digits",
+               "tiny-shakespeare-mdlm": REPO_ROOT / "models" / "tiny-shakespeare-mdlm"}
+    return {name: path for name, path in bundled.items() if (path / "config.json").is_file()
+            or (path / "model_index.json").is_file()}
 
 
 def _usable_cpus() -> set[int]:
