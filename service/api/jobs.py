@@ -11,6 +11,7 @@ of events for replay.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from service.api.streaming import SSE_PING, sse_event
 from service.common.errors import EngineUnavailable
 from service.runtime.engine_client import Disconnected, RequestStream
 from service.settings import Settings
+from service.text_diffusion.params import MaskedTextRequest
 
 router = APIRouter()
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -148,8 +150,10 @@ async def create_job(request: Request) -> JSONResponse:
     store = job_store(request)
     store._evict()  # refuse before the work is queued
     prepared = await prepare(request)
-    stream = await submit(request.app.state.engine_client, prepared.model, prepared.params, settings,
-                          prepared.timeout_s)
+    params = prepared.params
+    if isinstance(params, MaskedTextRequest):
+        params = dataclasses.replace(params, progress_text=True)  # a job reports progress, streamed or not
+    stream = await submit(request.app.state.engine_client, prepared.model, params, settings, prepared.timeout_s)
     job = store.start(stream)
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 

@@ -74,8 +74,8 @@ class MaskedTextEngine:
     def add_request(self, request_id: str, request: MaskedTextRequest) -> None:
         if len(request.prompt) > MAX_CHARS_PER_TOKEN * self.max_model_len:
             raise PromptTooLong(f"prompt is {len(request.prompt)} characters; far above the context length")
-        prompt_ids = self.tokenizer.encode(request.prompt, add_special_tokens=False).ids
-        if len(prompt_ids) + request.max_tokens > self.max_model_len:
+        prompt_ids = self.tokenizer.encode(request.prompt).ids
+        if len(prompt_ids) + 1 + request.max_tokens > self.max_model_len:
             raise PromptTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
                                 f"model's length {self.max_model_len}")
         if request.prompt_elbo and not prompt_ids:
@@ -84,8 +84,9 @@ class MaskedTextEngine:
         if request.max_tokens > 0:
             seed = request.seed if request.seed is not None else random.getrandbits(63)
             try:
+                # the training windows start with <|endoftext|>: the model sees it before every prompt
                 denoise = DenoiseJob.create(
-                    prompt_ids, request.max_tokens, request.steps, self.loaded.mask_token_id, request.remasking,
+                    [self.loaded.eos_token_id, *prompt_ids], request.max_tokens, request.steps, self.loaded.mask_token_id, request.remasking,
                     request.block_length, SamplingParams(request.temperature, request.top_k, request.top_p),
                     seed, self.device)
             except ValueError as error:
@@ -138,13 +139,14 @@ class MaskedTextEngine:
                 report.started.append(job.request_id)
                 if job.request.prompt_elbo:  # its own forwards, once, when the request starts
                     estimate = estimate_elbo(self.model, job.prompt_ids, job.request.elbo_samples,
-                                             job.request.seed or 0, characters=len(job.request.prompt))
+                                             job.request.seed or 0, context_ids=[self.loaded.eos_token_id],
+                                             characters=len(job.request.prompt))
                     job.elbo = ElboBound(estimate.nats, estimate.standard_error_nats, estimate.tokens,
                                          estimate.characters, estimate.samples)
             denoising = [job for job in self._running if job.denoise is not None]
             if denoising:
                 started = time.perf_counter()
-                denoise_step(self.model, [job.denoise for job in denoising])  # type: ignore[misc]
+                denoise_step(self.model, [job.denoise for job in denoising], self.loaded.eos_token_id)  # type: ignore[misc]
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 report.stats.denoise_seconds = time.perf_counter() - started
@@ -155,10 +157,9 @@ class MaskedTextEngine:
                     output = self._finish(job, "stop")
                     report.stats.generated_tokens += len(output.result.token_ids)  # type: ignore[union-attr]
                     report.outputs.append(output)
-                else:
-                    text = render_text(job.denoise, self.tokenizer) if job.request.progress_text else None
+                elif job.request.progress_text:  # only a stream (or a job) reads progress
                     report.outputs.append(RequestOutput(job.request_id, delta=MaskedTextProgress(
-                        job.denoise.step_index, job.denoise.steps, text)))
+                        job.denoise.step_index, job.denoise.steps, render_text(job.denoise, self.tokenizer))))
         self.fill_occupancy(report.stats)
         return report
 

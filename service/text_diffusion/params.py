@@ -11,7 +11,8 @@ class MaskedTextRequest:
 
     ``prompt_elbo`` also estimates the prompt's negative ELBO (an upper bound on its negative
     log-likelihood, never a logprob) from ``elbo_samples`` masked copies seeded by ``seed``.
-    ``progress_text``: render the partly revealed text after every step (streams want it).
+    ``progress_text``: report progress, with the partly revealed text, after every step (streams and jobs
+    want it; a plain JSON request skips the cost).
     """
 
     prompt: str
