@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import generate, system
+from service.api import generate, openai_routes, system
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi
 from service.runtime.engine_client import EngineClient
@@ -38,4 +38,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     app.include_router(system.router)
     app.include_router(generate.router)
+    app.include_router(openai_routes.router)
     return app
