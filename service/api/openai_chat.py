@@ -40,7 +40,9 @@ async def chat_completions(request: Request) -> Response:
                                prompt_logprobs=body.prompt_logprobs is not None or body.return_token_ids)
     messages = tuple(ChatMessage(message.role, message.text) for message in body.messages)
     choices = ChoiceSet(request, body.n, "chatcmpl")
-    await choices.open(request.app.state.engine_client, model, settings, [TextRequest(sampling, messages=messages)])
+    client = request.app.state.engine_client
+    if not await choices.open(client, model, settings, [TextRequest(sampling, messages=messages)]):
+        return Response(status_code=499)  # the client left before its choices started
     renderer = ChatRenderer(body, model, choices)
     if body.stream:
         return streamed(sse_answer(choices, renderer.role_chunks(), renderer.chunk,

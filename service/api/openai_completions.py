@@ -39,8 +39,9 @@ async def completions(request: Request) -> Response:
     sampling = openai_sampling(body, info, settings, max_tokens=None, logprobs=body.logprobs,
                                prompt_logprobs=wants_prompt_logprobs)
     choices = ChoiceSet(request, body.n, "cmpl")
-    await choices.open(request.app.state.engine_client, model, settings,
-                       [TextRequest(sampling, prompt=prompt) for prompt in body.prompts])
+    requests = [TextRequest(sampling, prompt=prompt) for prompt in body.prompts]
+    if not await choices.open(request.app.state.engine_client, model, settings, requests):
+        return Response(status_code=499)  # the client left before its choices started
     renderer = CompletionRenderer(body, model, choices)
     if body.stream:
         return streamed(sse_answer(choices, "", renderer.chunk,

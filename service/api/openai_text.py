@@ -90,20 +90,26 @@ class ChoiceSet:
 
     # ---- opening ---------------------------------------------------------------------------------
 
-    async def open(self, client: EngineClient, model: str, settings: Settings, prompts: list[TextRequest]) -> None:
-        """Submit every choice (the first of each prompt, its first output, then its siblings).
-        Raises ``APIError`` when the engine refuses one; then nothing stays submitted."""
+    async def open(self, client: EngineClient, model: str, settings: Settings, prompts: list[TextRequest]) -> bool:
+        """Submit every choice (the first of each prompt, its first output, then its siblings); False
+        if the client left meanwhile. Raises ``APIError`` when the engine refuses one; then nothing stays
+        submitted."""
         self._watcher = asyncio.ensure_future(self._watch_disconnect())
+        tasks = [asyncio.ensure_future(self._open_prompt(client, model, settings, prompt_index, request))
+                 for prompt_index, request in enumerate(prompts)]
         try:
-            await asyncio.gather(*(self._open_prompt(client, model, settings, prompt_index, request)
-                                   for prompt_index, request in enumerate(prompts)))
+            await asyncio.gather(*tasks)
         except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.close()
             raise
         if self.disconnected:
             self.close()
-            raise ClientDisconnected(self.id)
+            return False
         self.choices.sort(key=lambda choice: choice.index)
+        return True
 
     async def _open_prompt(self, client: EngineClient, model: str, settings: Settings, prompt_index: int,
                            request: TextRequest) -> None:

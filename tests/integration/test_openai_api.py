@@ -19,16 +19,22 @@ from tokenizers import Tokenizer, processors
 from transformers import AutoTokenizer
 
 from tests.fixtures.tiny_models import EOS_TOKEN, EOS_TOKEN_ID, build_tiny_llama
-from tests.integration.server import REPO_ROOT, RunningServer, metric_samples, metric_value, running_server
+from tests.integration.server import (REPO_ROOT, RunningServer, metric_samples, metric_value, running_server,
+                                      wait_for)
 
 SHAKESPEARE = "tiny-shakespeare"
 DIGITS = "tiny-digits"
 BOS_MODEL = "llama-bos"
 LLAMA_STYLE_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
-                        "{{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+                        "{{ message['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 BOS_MODEL_DEFAULTS = {"max_tokens": 5, "temperature": 0.0}
 MESSAGES = [{"role": "system", "content": "You speak in verse."},
             {"role": "user", "content": [{"type": "text", "text": "Who goes"}, {"type": "text", "text": "there?"}]}]
+EVERY_ROLE = [{"role": "developer", "content": "Answer as the Prince."}, *MESSAGES,
+              {"role": "assistant", "content": "Nay, answer me."},
+              {"role": "tool", "content": "lantern: lit", "tool_call_id": "call-1"},
+              {"role": "user", "content": "Stand and unfold yourself."}]
 
 
 def build_llama_with_bos(path: Path) -> Path:
@@ -225,10 +231,10 @@ def test_chat_prompt_token_ids_equal_transformers_apply_chat_template(
     folder = REPO_ROOT / "models" / SHAKESPEARE if model == SHAKESPEARE else bos_model_dir
     tokenizer = AutoTokenizer.from_pretrained(folder)
     flat_messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
-                      "\n".join(part["text"] for part in m["content"])} for m in MESSAGES]
+                      "\n".join(part["text"] for part in m["content"])} for m in EVERY_ROLE]
     expected = tokenizer.apply_chat_template(flat_messages, add_generation_prompt=True, tokenize=True,
                                              return_dict=False)
-    answer = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1,
+    answer = client.chat.completions.create(model=model, messages=EVERY_ROLE, max_tokens=1,
                                             extra_body={"return_token_ids": True})
     assert answer.model_extra["prompt_token_ids"] == expected
     assert answer.usage.prompt_tokens == len(expected)
@@ -300,6 +306,27 @@ def test_errors_have_openai_shape_and_generate_statuses(client: openai.OpenAI) -
     with pytest.raises(openai.APIStatusError) as too_long:
         client.completions.create(model=SHAKESPEARE, prompt="word " * 400, max_tokens=4)
     assert too_long.value.status_code == 413
+
+
+def test_a_client_that_leaves_cancels_every_choice(server: RunningServer) -> None:
+    def samples() -> dict[str, float]:
+        return metric_samples(httpx.get(f"{server.url}/metrics").text)
+
+    cancelled_before = metric_value(samples(), "genserve_requests_total", outcome="cancelled", model=SHAKESPEARE)
+    long_request = {"model": SHAKESPEARE, "prompt": "HAMLET:", "n": 2, "max_tokens": 240, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**long_request, "stream": True},
+                      timeout=60) as response:
+        assert next(response.iter_lines()).startswith("data: {")
+    with pytest.raises(httpx.ReadTimeout):  # non-streamed: the client gives up while the choices run
+        httpx.post(f"{server.url}/v1/completions", json=long_request, timeout=0.3)
+
+    def all_cancelled() -> bool:
+        current = samples()
+        return (metric_value(current, "genserve_requests_total", outcome="cancelled",
+                             model=SHAKESPEARE) >= cancelled_before + 4
+                and metric_value(current, "genserve_requests_running", model=SHAKESPEARE) == 0)
+
+    assert wait_for(all_cancelled), samples()
 
 
 def test_a_stream_that_fails_midway_sends_one_error_chunk(tmp_path: Path) -> None:
