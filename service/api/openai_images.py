@@ -10,7 +10,6 @@ Only ``b64_json`` is served: this server keeps no images to link to.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import io
 import math
@@ -127,7 +126,7 @@ async def image_events(stream: RequestStream, request: Request, num_images: int,
                         and progress.step < progress.steps and sent_partials < partial_images):
                     tiles = split_strip(progress.preview_png, num_images)
                     for image_index, tile in enumerate(tiles):
-                        event = {"type": PARTIAL_EVENT, "b64_json": base64.b64encode(tile).decode("ascii"),
+                        event = {"type": PARTIAL_EVENT, "b64_json": b64(tile),
                                  "partial_image_index": sent_partials, **common}
                         if len(tiles) > 1:
                             event["image_index"] = image_index

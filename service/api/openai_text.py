@@ -13,6 +13,7 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,7 +33,7 @@ from service.ar.outputs import TextDelta, TextResult
 from service.ar.params import SamplingParams, TextRequest
 from service.common.errors import EngineError
 from service.common.outputs import RequestOutput
-from service.runtime.engine_client import Disconnected, EngineClient, RequestStream, new_request_id
+from service.runtime.engine_client import Disconnected, EngineClient, EngineGone, RequestStream, new_request_id
 from service.runtime.messages import ModelInfo
 from service.settings import Settings
 
@@ -244,18 +245,14 @@ class ChoiceSet:
 
 
 def _error_result(result: object) -> TextResult:
-    """The engine core died under the request (``EngineGone``): an error result in the text shape."""
-    error = getattr(result, "error")
-    return TextResult("", (), "error", 0, 0, error=error)
+    """The engine core died under the request: its ``EngineGone`` as an error result in the text shape."""
+    assert isinstance(result, EngineGone), result
+    return TextResult("", (), "error", 0, 0, error=result.error)
 
 
 def error_chunk(error: EngineError) -> str:
     status, error_type = status_of(error)
     return f"data: {dumps(error_body(status, error_type, str(error), openai=True))}\n\n"
-
-
-def finish_reason(result: TextResult) -> str:
-    return result.finish_reason
 
 
 def prompt_token_ids(result: TextResult | None) -> list[int] | None:
@@ -272,7 +269,6 @@ def prompt_logprobs_json(result: TextResult | None) -> list[dict[str, Any] | Non
     return [None if entry.logprob is None else
             {str(entry.token_id): {"logprob": entry.logprob, "decoded_token": entry.token}}
             for entry in result.prompt_logprobs]
-
 
 
 # ---- the two answers: one JSON body, or SSE chunks ---------------------------------------------------
@@ -317,15 +313,16 @@ async def sse_answer(choices: ChoiceSet, opening: str, render: Callable[[Choice,
     try:
         if opening:
             yield opening
-        async for choice, batch in choices.batches():
-            error = choice.result.error if choice.result is not None else None
-            if error is not None:
-                status = status_of(error)[0]
-                yield error_chunk(error)
-                return
-            text = render(choice, batch)
-            if text:
-                yield text
+        async with aclosing(choices.batches()) as batches:
+            async for choice, batch in batches:
+                error = choice.result.error if choice.result is not None else None
+                if error is not None:
+                    status = status_of(error)[0]
+                    yield error_chunk(error)
+                    return
+                text = render(choice, batch)
+                if text:
+                    yield text
         status = 200
         yield (usage_chunk() if usage_chunk is not None else "") + SSE_DONE
     except ClientDisconnected:

@@ -275,6 +275,14 @@ def test_images_json_and_streamed_partial_images(client: openai.OpenAI) -> None:
     assert all(png_size(event.b64_json) == (16, 16) for event in events)
     assert events[-1].b64_json == answer.data[0].b64_json  # the same seed gives the same image
 
+    pair = list(client.images.generate(model=DIGITS, prompt="digit 3", n=2, stream=True, partial_images=1,
+                                       extra_body=extra))
+    assert [(event.type, event.model_extra["image_index"]) for event in pair] == [
+        ("image_generation.partial_image", 0), ("image_generation.partial_image", 1),
+        ("image_generation.completed", 0), ("image_generation.completed", 1)]
+    assert all(png_size(event.b64_json) == (16, 16) for event in pair)
+    assert [event.b64_json for event in pair[2:]] == [image.b64_json for image in answer.data]
+
 
 def test_images_refuse_urls_and_bad_sizes(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
