@@ -25,6 +25,7 @@ from tests.integration.server import (REPO_ROOT, RunningServer, metric_samples, 
 SHAKESPEARE = "tiny-shakespeare"
 DIGITS = "tiny-digits"
 BOS_MODEL = "llama-bos"
+NO_TEMPLATE_MODEL = "no-template"
 LLAMA_STYLE_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
                         "{{ message['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -60,10 +61,20 @@ def bos_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_llama_with_bos(tmp_path_factory.mktemp("bos-model") / "llama-bos")
 
 
+def build_llama_without_template(path: Path) -> Path:
+    build_tiny_llama(path, seed=6)
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(bos_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     models = {SHAKESPEARE: REPO_ROOT / "models" / SHAKESPEARE, DIGITS: REPO_ROOT / "models" / DIGITS,
-              BOS_MODEL: bos_model_dir}
+              BOS_MODEL: bos_model_dir,
+              NO_TEMPLATE_MODEL: build_llama_without_template(tmp_path_factory.mktemp("plain") / "plain")}
     with running_server(models, tmp_path_factory.mktemp("openai-logs")) as running:
         yield running
 
@@ -82,7 +93,7 @@ def png_size(b64_json: str) -> tuple[int, int]:
 
 def test_models_lists_every_served_model(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert sorted(model.id for model in models) == sorted([SHAKESPEARE, DIGITS, BOS_MODEL])
+    assert sorted(model.id for model in models) == sorted([SHAKESPEARE, DIGITS, BOS_MODEL, NO_TEMPLATE_MODEL])
     assert all(model.object == "model" and model.owned_by == "genserve" and model.created > 0 for model in models)
     assert client.models.retrieve(DIGITS).id == DIGITS
     with pytest.raises(openai.NotFoundError):
@@ -162,10 +173,18 @@ def test_echo_logprobs_carry_the_prompt_and_match_generate(client: openai.OpenAI
     assert choice.text == prompt + reference["text"]
 
 
-def test_logit_bias_forces_a_token(client: openai.OpenAI) -> None:
+def test_logit_bias_forces_a_token_and_prompt_logprobs_have_vllm_shape(client: openai.OpenAI) -> None:
     forced = client.completions.create(model=SHAKESPEARE, prompt="ROMEO:", max_tokens=4, seed=1,
-                                       extra_body={"return_token_ids": True}, logit_bias={"66": 100})
-    assert forced.choices[0].model_extra["token_ids"] == [66] * 4
+                                       logit_bias={"66": 100},
+                                       extra_body={"return_token_ids": True, "prompt_logprobs": 0})
+    choice = forced.choices[0].model_extra
+    assert choice["token_ids"] == [66] * 4
+    prompt_ids = choice["prompt_token_ids"]
+    assert len(prompt_ids) == forced.usage.prompt_tokens
+    assert choice["prompt_logprobs"][0] is None
+    assert [list(entry) for entry in choice["prompt_logprobs"][1:]] == [[str(token)] for token in prompt_ids[1:]]
+    assert all(entry[str(token)]["logprob"] <= 0
+               for entry, token in zip(choice["prompt_logprobs"][1:], prompt_ids[1:]))
 
 
 def test_n_choices_share_the_prompt_blocks(client: openai.OpenAI, server: RunningServer) -> None:
@@ -198,8 +217,12 @@ def test_chat_json_and_stream_agree_with_two_choices(client: openai.OpenAI) -> N
     assert [c.index for c in answer.choices] == [0, 1]
     assert all(c.message.role == "assistant" and c.message.content for c in answer.choices)
 
-    chunks = list(client.chat.completions.create(**request, stream=True))
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == (
+        answer.usage.prompt_tokens, answer.usage.completion_tokens)
+    assert usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: served from the cache
     texts = {0: "", 1: ""}
     finish: dict[int, str] = {}
     for chunk in chunks:
@@ -284,6 +307,18 @@ def test_images_json_and_streamed_partial_images(client: openai.OpenAI) -> None:
     assert [event.b64_json for event in pair[2:]] == [image.b64_json for image in answer.data]
 
 
+def test_images_take_the_model_folder_defaults(client: openai.OpenAI, server: RunningServer) -> None:
+    models = httpx.get(f"{server.url}/models").json()["models"]
+    default_guidance = next(m for m in models if m["name"] == DIGITS)["defaults"]["guidance_scale"]
+    common = {"steps": 8, "seed": 2}
+
+    def image(**extra: object) -> str:
+        return client.images.generate(model=DIGITS, prompt="5", extra_body={**common, **extra}).data[0].b64_json
+
+    assert image() == image(guidance_scale=default_guidance)
+    assert image() != image(guidance_scale=default_guidance + 2.0)
+
+
 def test_images_refuse_urls_and_bad_sizes(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         client.images.generate(model=DIGITS, prompt="7", response_format="url")
@@ -309,6 +344,10 @@ def test_errors_have_openai_shape_and_generate_statuses(client: openai.OpenAI) -
     assert "suffix" in unknown_field.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model=DIGITS, messages=MESSAGES)  # a diffusion model
+    with pytest.raises(openai.UnprocessableEntityError) as no_template:
+        client.chat.completions.create(model=NO_TEMPLATE_MODEL, messages=MESSAGES)
+    assert "chat template" in no_template.value.body["message"]
+    assert client.completions.create(model=NO_TEMPLATE_MODEL, prompt="x = 1", max_tokens=2).choices[0].text
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=SHAKESPEARE, prompt="x", echo=True, logprobs=1, stream=True)
     with pytest.raises(openai.APIStatusError) as too_long:
