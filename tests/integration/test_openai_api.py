@@ -130,6 +130,9 @@ def test_completion_streamed_text_equals_the_json_text(client: openai.OpenAI) ->
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
     assert all(chunk.usage is None for chunk in chunks[:-1])
 
+    echoed = client.completions.create(**request, echo=True, stream=True)
+    assert "".join(c.text for chunk in echoed for c in chunk.choices) == "ROMEO:" + choice.text
+
 
 def test_prompt_list_numbers_choices_per_prompt_with_seed_plus_i(client: openai.OpenAI) -> None:
     prompts = ["KING LEAR:", "JULIET:"]
