@@ -1,15 +1,18 @@
 """Autoregressive throughput/latency baseline: the same bench model behind three systems, in one run.
 
-  transformers-serve  `transformers serve --continuous-batching` + the load generator (OpenAI chat API)
-  genserve            `python -m service --model bench=PATH ...` + the load generator (/generate API)
-  raw                 genserve's engine in-process, no HTTP (`loadtest.raw_ar.run_raw`)
+  transformers-serve        `transformers serve --continuous-batching` + the load generator (OpenAI chat API)
+  genserve                  `python -m service --model bench=PATH ...` + the load generator (/generate API)
+  genserve-v1-completions   the same genserve server, streamed through its OpenAI /v1/completions API
+  raw                       genserve's engine in-process, no HTTP (`loadtest.raw_ar.run_raw`)
 
 Each system runs alone (servers are stopped before the next starts), with unmeasured warmup requests
-first. Prints one table and the throughput ratios, and writes JSON (default docs/bench_ar.json).
+first; the two genserve APIs share one server and alternate run by run, so both see the same machine.
+Prints one table and the throughput ratios, and writes JSON (default docs/bench_ar.json).
 
 Usage:
   python -m loadtest.bench_ar                                   # all systems, 32 x 64 tokens, 96 requests
   python -m loadtest.bench_ar --systems transformers-serve --concurrency 8 --requests 16
+  python -m loadtest.bench_ar --systems genserve,genserve-v1-completions   # /v1/completions vs /generate
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from typing import Any
 from loadtest.hf_serve import RunningServer, find_free_port, managed_server, transformers_serve
 from loadtest.loadgen import ApiKind, LoadResult, build_prompt, run_load
 
-SYSTEMS = ("transformers-serve", "genserve", "raw")
+SYSTEMS = ("transformers-serve", "genserve", "genserve-v1-completions", "raw")
+# genserve systems: one server, one API each
+GENSERVE_APIS: dict[str, ApiKind] = {"genserve": "genserve", "genserve-v1-completions": "openai-completions"}
 GENSERVE_MODEL_NAME = "bench"
 DEFAULT_MODEL_PATH = Path(".bench/tiny-llama-5m")
 DEFAULT_JSON_OUT = Path("docs/bench_ar.json")
@@ -135,7 +140,30 @@ def genserve_command(scenario: Scenario, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def bench_genserve(scenario: Scenario) -> dict[str, Any]:
+async def load_genserve_apis(server: RunningServer, scenario: Scenario, labels: list[str]) -> dict[str, dict[str, Any]]:
+    """Each API warms up once, then the APIs take turns, `scenario.repeats` runs each; the median per API.
+    Every run gets its own range of request numbers, so no run reuses another's prompts."""
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for repeat in range(scenario.repeats):
+        for position, label in enumerate(labels):
+            result = await run_load(
+                url=server.base_url,
+                api=GENSERVE_APIS[label],
+                concurrency=scenario.concurrency,
+                requests=scenario.requests,
+                max_tokens=scenario.max_tokens,
+                prompt_len=scenario.prompt_len,
+                model=server.model_id,
+                temperature=scenario.temperature,
+                warmup_requests=scenario.warmup_requests if repeat == 0 else 0,
+                label=label,
+                first_request_index=(repeat * len(labels) + position) * scenario.requests_per_repeat,
+            )
+            runs[label].append(result.to_dict())
+    return {label: median_run(label_runs) for label, label_runs in runs.items()}
+
+
+def bench_genserve(scenario: Scenario, labels: list[str]) -> dict[str, dict[str, Any]]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     port = find_free_port()
     with managed_server(
@@ -148,7 +176,7 @@ def bench_genserve(scenario: Scenario) -> dict[str, Any]:
         server_environment(scenario),
     ) as server:
         with load_generator_on_last_core():
-            return asyncio.run(load_server(server, scenario, "genserve", "genserve"))
+            return asyncio.run(load_genserve_apis(server, scenario, labels))
 
 
 def bench_raw(scenario: Scenario) -> dict[str, Any]:
@@ -179,15 +207,18 @@ def bench_raw(scenario: Scenario) -> dict[str, Any]:
     return median_run(runs)
 
 
-BENCHMARKS = {"transformers-serve": bench_transformers_serve, "genserve": bench_genserve, "raw": bench_raw}
+BENCHMARKS = {"transformers-serve": bench_transformers_serve, "raw": bench_raw}
 
 
-def run_system(system: str, scenario: Scenario) -> tuple[dict[str, Any] | None, str | None]:
-    """Return (result, None) or (None, reason it was skipped)."""
-    print(f"== {system} ...", flush=True)
+def run_systems(systems: list[str], scenario: Scenario) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """One system, or the genserve systems together on one server: ({system: result}, None) or (None, reason)."""
+    print(f"== {', '.join(systems)} ...", flush=True)
     started = time.perf_counter()
     try:
-        result = BENCHMARKS[system](scenario)
+        if systems[0] in GENSERVE_APIS:
+            result = bench_genserve(scenario, systems)
+        else:
+            result = {systems[0]: BENCHMARKS[systems[0]](scenario)}
     except ModuleNotFoundError as exc:
         return None, f"module missing: {exc.name}"
     except Exception as exc:  # one failing system must not lose the others' results
@@ -209,10 +240,10 @@ def format_results_table(results: dict[str, dict[str, Any]]) -> str:
         ("ITL p50", "itl_ms_p50"), ("ITL p99", "itl_ms_p99"), ("e2e p50", "e2e_ms_p50"),
         ("e2e p99", "e2e_ms_p99"), ("errors", "errors"),
     ]  # fmt: skip
-    header = f"{'system':<20}" + "".join(f"{title:>13}" for title, _ in columns)
+    header = f"{'system':<26}" + "".join(f"{title:>13}" for title, _ in columns)
     lines = [header, "-" * len(header)]
     for system, result in results.items():
-        lines.append(f"{system:<20}" + "".join(f"{format_value(result.get(key)):>13}" for _, key in columns))
+        lines.append(f"{system:<26}" + "".join(f"{format_value(result.get(key)):>13}" for _, key in columns))
     lines.append("(latencies in ms; raw has no HTTP, so only throughput)")
     for system, result in results.items():
         repeats = result.get("repeat_output_tok_s") or []
@@ -228,6 +259,9 @@ def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
         baseline_tok_s = results.get(baseline, {}).get("output_tok_s")
         if genserve and baseline_tok_s:
             ratios[f"genserve/{baseline}"] = genserve / baseline_tok_s
+    completions = results.get("genserve-v1-completions", {}).get("output_tok_s")
+    if completions and genserve:
+        ratios["genserve-v1-completions/genserve"] = completions / genserve
     return ratios
 
 
@@ -314,12 +348,17 @@ def main(argv: list[str] | None = None) -> None:
     ensure_bench_model(scenario.model_path)
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    for system in systems:
-        result, skip_reason = run_system(system, scenario)
-        if result is not None:
-            results[system] = result
+    genserve_systems = [system for system in systems if system in GENSERVE_APIS]
+    groups = [[system] for system in systems if system not in GENSERVE_APIS]
+    if genserve_systems:
+        groups.insert(min(systems.index(genserve_systems[0]), len(groups)), genserve_systems)
+    for group in groups:
+        group_results, skip_reason = run_systems(group, scenario)
+        if group_results is not None:
+            results.update(group_results)
         else:
-            skipped[system] = skip_reason or "unknown"
+            for system in group:
+                skipped[system] = skip_reason or "unknown"
             print(f"   skipped: {skip_reason}", flush=True)
     print()
     print(

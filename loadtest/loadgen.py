@@ -1,4 +1,4 @@
-"""Closed-loop streaming load generator for genserve's /generate and OpenAI chat endpoints.
+"""Closed-loop streaming load generator for genserve's /generate and OpenAI chat or completions endpoints.
 
 `concurrency` workers each hold one HTTP connection and loop: send a streamed request, read it
 to the end, send the next, until `requests` requests have been sent in total.
@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-ApiKind = Literal["genserve", "openai"]
+# "openai": /v1/chat/completions; "openai-completions": /v1/completions
+ApiKind = Literal["genserve", "openai", "openai-completions"]
+ENDPOINTS: dict[str, str] = {"genserve": "/generate", "openai": "/v1/chat/completions",
+                             "openai-completions": "/v1/completions"}
 PROMPT_FILLER_WORDS = (
     "the quick brown fox jumps over the lazy dog while a careful robot paints the old red barn "
     "and counts every stroke of the brush in the warm evening light"
@@ -147,13 +150,16 @@ class RequestSpec:
 
     def endpoint(self) -> str:
         """The request path; the host and port come from `url`."""
-        return "/generate" if self.api == "genserve" else "/v1/chat/completions"
+        return ENDPOINTS[self.api]
 
     def body(self, request_index: int) -> dict[str, Any]:
         prompt = build_prompt(request_index, self.prompt_len)
         body: dict[str, Any]
         if self.api == "genserve":
             body = {"prompt": prompt, "max_tokens": self.max_tokens, "stream": True}
+        elif self.api == "openai-completions":
+            body = {"prompt": prompt, "max_tokens": self.max_tokens, "stream": True,
+                    "stream_options": {"include_usage": True}}
         else:
             body = {
                 "messages": [{"role": "user", "content": prompt}],
@@ -208,7 +214,7 @@ def record_genserve_event(record: StreamRecord, event_name: str, payload: dict[s
 
 
 def record_openai_chunk(record: StreamRecord, payload: dict[str, Any]) -> None:
-    """Update the record from one OpenAI chat.completion.chunk (or an error chunk)."""
+    """Update the record from one OpenAI chat.completion.chunk or text_completion chunk (or an error chunk)."""
     now = time.perf_counter()
     if "error" in payload:
         record.error = describe_error(payload)
@@ -217,15 +223,17 @@ def record_openai_chunk(record: StreamRecord, payload: dict[str, Any]) -> None:
     if usage.get("completion_tokens") is not None:
         record.reported_completion_tokens = int(usage["completion_tokens"])
     for choice in payload.get("choices") or []:
-        delta = choice.get("delta") or {}
-        if delta.get("content"):
+        delta = choice.get("delta")
+        if delta is None:  # a completions chunk: the text is on the choice
+            delta = choice
+        if delta.get("content") or delta.get("text"):
             record.event_times.append(now)
             record.event_token_counts.append(tokens_in_event(delta, default=1))
 
 
 async def read_stream(response: StreamedResponse, api: ApiKind, record: StreamRecord) -> None:
     async for event_name, data in iter_sse_events(response.body):
-        if api == "openai" and data.strip() == "[DONE]":
+        if api != "genserve" and data.strip() == "[DONE]":
             return
         try:
             payload = json.loads(data)
@@ -386,7 +394,7 @@ def format_table(results: list[LoadResult]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Closed-loop streaming load generator.")
     parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--api", choices=["genserve", "openai"], default="genserve")
+    parser.add_argument("--api", choices=list(ENDPOINTS), default="genserve")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=96, help="total measured requests")
     parser.add_argument("--max-tokens", type=int, default=64)

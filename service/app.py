@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import generate, jobs, playground, system
+from service.api import generate, jobs, openai_routes, playground, system
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi
 from service.runtime.engine_client import EngineClient
@@ -40,4 +40,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(playground.router)
+    app.include_router(openai_routes.router)
     return app

@@ -130,3 +130,12 @@ def test_metrics_carry_the_modality(client: httpx.Client) -> None:
     assert delta("genserve_generated_tokens_total", **labels) == body["usage"]["completion_tokens"]
     assert delta("genserve_denoise_step_seconds_count", **labels) == 4
     assert delta("genserve_requests_total", paradigm="diffusion", modality="image") == 0
+
+
+def test_openai_routes_pick_models_of_their_modality(client: httpx.Client) -> None:
+    image_request = client.post("/v1/images/generations", json={"model": "mdlm", "prompt": "a cat"})
+    assert image_request.status_code == 422 and "not image" in image_request.json()["error"]["message"]
+    completion = client.post("/v1/completions", json={"model": "mdlm", "prompt": "x", "max_tokens": 2})
+    assert completion.status_code == 422 and completion.json()["error"]["code"] == "validation_error"
+    served = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})  # the AR model, unnamed
+    assert served.status_code == 200 and served.json()["model"] == "tiny"
