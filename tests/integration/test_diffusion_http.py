@@ -65,7 +65,11 @@ def test_non_streamed_response_shape(client: httpx.Client) -> None:
 def test_defaults_come_from_settings_and_the_model(client: httpx.Client) -> None:
     body = client.post("/generate", json={"paradigm": "diffusion", "prompt": "seven"}).json()
     assert body["model"] == "digits" and body["steps"] == 6 and body["scheduler"] == "ddpm"
-    assert isinstance(body["images"][0]["seed"], int)
+    other = client.post("/generate", json={"paradigm": "diffusion", "prompt": "seven"}).json()
+    seeds = (body["images"][0]["seed"], other["images"][0]["seed"])
+    assert seeds[0] != seeds[1] and all(0 <= seed < 2**63 for seed in seeds)  # a fresh random seed each time
+    again = client.post("/generate", json={"paradigm": "diffusion", "prompt": "seven", "seed": seeds[0]}).json()
+    assert again["images"] == body["images"]  # and it is the seed that was used
 
 
 def test_stream_sends_progress_after_every_step_then_done(client: httpx.Client) -> None:
@@ -146,18 +150,23 @@ def test_client_disconnect_cancels_the_request(client: httpx.Client) -> None:
 
 
 def test_metrics_after_traffic(client: httpx.Client) -> None:
-    client.post("/generate", json={**DIGITS, "prompt": "nine", "steps": 3, "n": 2})
-    samples = _diffusion_samples(client)
     labels = {"paradigm": "diffusion", "model": "digits"}
-    for histogram in ("genserve_request_duration_seconds", "genserve_queue_wait_seconds",
-                      "genserve_denoise_step_seconds", "genserve_batch_size"):
-        assert metric_value(samples, f"{histogram}_count", **labels) > 0, histogram
-    assert metric_value(samples, "genserve_request_duration_seconds_bucket", le="300.0", **labels) > 0
-    assert metric_value(samples, "genserve_denoise_steps_total", **labels) >= 6
-    assert metric_value(samples, "genserve_images_total", **labels) >= 2
-    assert metric_value(samples, "genserve_requests_total", outcome="stop", **labels) > 0
+    before = _diffusion_samples(client)
+    assert client.post("/generate", json={**DIGITS, "prompt": "nine", "steps": 3, "n": 2}).status_code == 200
+    after = _diffusion_samples(client)
+
+    def delta(name: str, **extra: str) -> float:
+        return metric_value(after, name, **labels, **extra) - metric_value(before, name, **labels, **extra)
+
+    assert delta("genserve_requests_total", outcome="stop") == 1
+    assert delta("genserve_request_duration_seconds_count", outcome="stop") == 1
+    assert delta("genserve_queue_wait_seconds_count") == 1
+    assert delta("genserve_denoise_step_seconds_count") == 3  # alone in the batch: one forward per step
+    assert delta("genserve_denoise_steps_total") == 6  # two images x three steps
+    assert delta("genserve_images_total") == 2
+    assert delta("genserve_batch_size_count") == 3 and delta("genserve_batch_size_sum") == 6
     for gauge in ("genserve_requests_running", "genserve_requests_waiting"):
-        assert any(key.startswith(gauge + "{") and 'paradigm="diffusion"' in key for key in samples), gauge
+        assert metric_value(after, gauge, **labels) == 0, gauge
 
 
 def test_ar_and_diffusion_share_the_device(client: httpx.Client, server: RunningServer) -> None:
