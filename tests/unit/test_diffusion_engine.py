@@ -312,8 +312,11 @@ def test_seeds_count_up_per_image(pipelines: dict[str, DenoisingPipeline]) -> No
     third = run_one(engine, ImageParams(prompt="eight", steps=5, scheduler="ddpm", seed=42))
     assert max_pixel_difference(together.images()[2], third.images()[0]) <= PIXEL_TOLERANCE
     assert max_pixel_difference(together.images()[0], together.images()[1]) > 10
-    random_seed = run_one(engine, ImageParams(prompt="eight", steps=1)).final["images"][0]["seed"]
-    assert isinstance(random_seed, int) and random_seed >= 0
+    unseeded = run_one(engine, ImageParams(prompt="eight", steps=3))
+    random_seed = unseeded.final["images"][0]["seed"]
+    assert random_seed != run_one(engine, ImageParams(prompt="eight", steps=3)).final["images"][0]["seed"]
+    reseeded = run_one(engine, ImageParams(prompt="eight", steps=3, seed=random_seed))
+    assert max_pixel_difference(unseeded.images()[0], reseeded.images()[0]) == 0  # the seed reported is the one used
 
 
 # ---------------------------------------------------------------------------- cancellation and admission
@@ -416,11 +419,15 @@ def test_every_kth_progress_event_carries_a_preview(pipelines: dict[str, Denoisi
     assert preview.shape[:2] == (8 * size[1] // max(size), 2 * 8 * size[0] // max(size))
 
 
-def test_warmup_request_finishes(pipelines: dict[str, DenoisingPipeline]) -> None:
+def test_warmup_request_runs_the_network_and_finishes(pipelines: dict[str, DenoisingPipeline],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from service.runtime.warmup import warm_up
 
     for pipeline in pipelines.values():
         driver = make_engine(pipeline)
+        forwards = count_forwards(pipeline, monkeypatch)
         warm_up(driver.engine)
+        assert len(forwards) == 2  # the warm-up's two denoise steps really ran the network
         assert not driver.has_work() and driver.engine.num_waiting == 0
+        monkeypatch.undo()
 
