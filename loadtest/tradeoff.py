@@ -183,7 +183,6 @@ def report(result: dict[str, Any]) -> str:
                  + ", ".join(f"{key.split('_')[1]} steps {longest[key]:.2f} s" for key in diffusion_keys) + " |")
     lines.append("| parallelism within a sample | none: token t needs token t-1 | every step predicts all "
                  f"{longest['tokens']} positions in one forward |")
-    best = max(result["quality"], key=lambda row: row["steps"])
     lines.append(f"| quality scaling | fixed by the model: word share {result['ar_word_share']:.3f} | grows with "
                  "steps: " + ", ".join(f"{row['steps']}: {row['word_share']:.3f}" for row in result["quality"]) + " |")
     lines.append(f"| likelihood | exact: {likelihood['autoregressive_bits_per_char']:.3f} bits/char | a bound "

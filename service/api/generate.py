@@ -21,6 +21,7 @@ from service.api.routing import resolve_model
 from service.api.schemas import ImageGenerateRequest, MaskedTextGenerateRequest, TextGenerateRequest
 from service.api.streaming import SSE_PING, ClientDisconnected, final_output, output_batches, sse_event
 from service.common.errors import EngineError
+from service.common.outputs import RequestOutput
 from service.runtime.engine_client import CoreState, EngineClient, RequestStream
 from service.runtime.messages import EngineParams
 from service.settings import Settings
@@ -130,7 +131,9 @@ def log_request(stream: RequestStream, status: int, streamed: bool, output: Any 
     request_log.info(json.dumps(line, separators=(",", ":")))
 
 
-async def json_answer(stream: RequestStream, request: Request) -> Response:
+async def finished_output(stream: RequestStream, request: Request, openai: bool = False) -> RequestOutput | Response:
+    """The request's final output, or the response that ends it: 499 when the client left, the error's
+    status and JSON when it failed (OpenAI's shape with ``openai``). Logs the request either way."""
     try:
         output = await final_output(stream, request.receive)
     except ClientDisconnected:
@@ -140,9 +143,15 @@ async def json_answer(stream: RequestStream, request: Request) -> Response:
     if error is not None:
         translated = api_error(error, request.app.state.settings.retry_after_s)
         log_request(stream, translated.status_code, False, output)
-        return error_response(translated.status_code, translated.error_type, translated.message, translated.headers)
+        return error_response(translated.status_code, translated.error_type, translated.message, translated.headers,
+                              openai=openai)
     log_request(stream, 200, False, output)
-    return JSONResponse(result_body(stream, output))
+    return output
+
+
+async def json_answer(stream: RequestStream, request: Request) -> Response:
+    output = await finished_output(stream, request)
+    return output if isinstance(output, Response) else JSONResponse(result_body(stream, output))
 
 
 async def sse_stream(stream: RequestStream, request: Request, ping_every_s: float) -> AsyncIterator[str]:

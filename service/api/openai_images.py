@@ -22,14 +22,14 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from service.api.engine_params import image_params
-from service.api.errors import APIError, error_body, error_response, status_of
-from service.api.generate import log_request, submit
+from service.api.errors import APIError, error_body, status_of
+from service.api.generate import finished_output, log_request, submit
 from service.api.generate_format import b64, error_of
 from service.api.openai_schemas import ImageGenerationRequest
 from service.api.openai_text import read_body, streamed
 from service.api.openapi import request_body
 from service.api.schemas import ImageGenerateRequest
-from service.api.streaming import ClientDisconnected, final_output, output_batches, sse_event
+from service.api.streaming import ClientDisconnected, output_batches, sse_event
 from service.diffusion.outputs import ImageProgress, ImageResult
 from service.diffusion.params import ImageParams
 from service.runtime.engine_client import RequestStream
@@ -57,17 +57,9 @@ async def image_generations(request: Request) -> Response:
     size = f"{params.width}x{params.height}" if params.width is not None else model_size(info)
     if body.stream:
         return streamed(image_events(stream, request, params.num_images, body.partial_images or 0, created, size))
-    try:
-        output = await final_output(stream, request.receive)
-    except ClientDisconnected:
-        log_request(stream, 499, False, None)
-        return Response(status_code=499)
-    error = error_of(output)
-    if error is not None:
-        status, error_type = status_of(error)
-        log_request(stream, status, False, output)
-        return error_response(status, error_type, str(error), openai=True)
-    log_request(stream, 200, False, output)
+    output = await finished_output(stream, request, openai=True)
+    if isinstance(output, Response):
+        return output
     result = output.result
     assert isinstance(result, ImageResult)
     return JSONResponse({"created": created, "data": [{"b64_json": b64(image.png)} for image in result.images],

@@ -4,7 +4,6 @@ draws a 7 that a classifier trained on the real digits reads as 7. Skipped while
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np

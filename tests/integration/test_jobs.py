@@ -4,7 +4,6 @@ cancellation queued and mid-run, unknown ids, and bad bodies."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

@@ -4,7 +4,6 @@ histogram sums against the request's own timings."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
