@@ -4,18 +4,16 @@ cancellation queued and mid-run, unknown ids, and bad bodies."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.fixtures.tiny_diffusion import build_tiny_digits
-from tests.fixtures.tiny_models import build_tiny_llama
 from tests.integration.server import RunningServer, metric_samples, metric_value, parse_sse, running_server, wait_for
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    root = tmp_path_factory.mktemp("job-models")
-    models = {"tiny": build_tiny_llama(root / "tiny", seed=6, max_positions=4096), "digits": build_tiny_digits(root / "digits")}
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_digits_dir: Path) -> Iterator[RunningServer]:
+    models = {"tiny": tiny_llama_dir, "digits": tiny_digits_dir}
     with running_server(models, tmp_path_factory.mktemp("job-logs"), "--max-batch-size", "1",
                         "--diffusion-max-batch-size", "1") as running:
         yield running

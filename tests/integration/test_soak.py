@@ -10,14 +10,11 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.fixtures.tiny_diffusion import build_tiny_digits
-from tests.fixtures.tiny_models import build_tiny_llama
-from tests.fixtures.tiny_text_diffusion import build_tiny_mdlm
 from tests.integration.server import RunningServer, metric_samples, metric_value, running_server, wait_for
 
 SOAK_SECONDS = float(os.environ.get("GENSERVE_SOAK_SECONDS", "60"))
@@ -101,10 +98,9 @@ def run_clients(server: RunningServer, seconds: float, seed: int) -> Counter[str
 
 
 @pytest.mark.timeout(SOAK_SECONDS * 3 + 240)
-def test_mixed_soak(tmp_path_factory: pytest.TempPathFactory) -> None:
-    root = tmp_path_factory.mktemp("soak-models")
-    models = {"tiny": build_tiny_llama(root / "tiny", seed=7, max_positions=1024),
-              "digits": build_tiny_digits(root / "digits"), "mdlm": build_tiny_mdlm(root / "mdlm")}
+def test_mixed_soak(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_digits_dir: Path,
+                    tiny_mdlm_dir: Path) -> None:
+    models = {"tiny": tiny_llama_dir, "digits": tiny_digits_dir, "mdlm": tiny_mdlm_dir}
     with running_server(models, tmp_path_factory.mktemp("soak-logs"), "--max-batch-size", "8") as server:
         warm_up = run_clients(server, SOAK_SECONDS / 4, seed=1)
         assert warm_up and all(":" not in outcome for outcome in warm_up), warm_up

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.fixtures.tiny_models import build_tiny_llama
 from tokenizers import Tokenizer
 
-from tests.fixtures.tiny_text_diffusion import AR_TOKENIZER, build_tiny_mdlm
+from tests.fixtures.tiny_text_diffusion import AR_TOKENIZER
 from tests.integration.server import (RunningServer, metric_samples, metric_value, running_server, stream_events,
                                       wait_for)
 
@@ -21,9 +21,8 @@ TEXT = {"model": "mdlm", "prompt": "ROMEO:", "max_tokens": 16, "steps": 4, "seed
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    root = tmp_path_factory.mktemp("mdlm-models")
-    models = {"mdlm": build_tiny_mdlm(root / "mdlm"), "tiny": build_tiny_llama(root / "tiny", seed=2)}
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_mdlm_dir: Path, tiny_llama_dir: Path) -> Iterator[RunningServer]:
+    models = {"mdlm": tiny_mdlm_dir, "tiny": tiny_llama_dir}
     with running_server(models, tmp_path_factory.mktemp("mdlm-logs"), "--max-denoise-steps", str(MAX_STEPS)) as running:
         yield running
 

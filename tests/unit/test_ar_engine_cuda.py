@@ -13,7 +13,7 @@ from service.ar.loader import load_causal_lm
 from service.ar.params import SamplingParams
 from tests.engine_driver import EngineDriver
 from tests.fixtures.tiny_models import build_tiny_llama
-from tests.unit.test_ar_engine import ENGINE_DEFAULTS, PROMPTS, encode, greedy, ids_request
+from tests.ar_engine_helpers import ENGINE_DEFAULTS, PROMPTS, encode, greedy, ids_request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -13,8 +13,8 @@ from service.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
 from service.diffusion.params import ImageParams
 from service.diffusion.pipelines import load_diffusion_pipeline
 from tests.fixtures.tiny_diffusion import build_tiny_digits, build_tiny_stable_diffusion, build_tiny_unconditional
-from tests.unit.test_diffusion_engine import (ENGINE_DEFAULTS, PIXEL_TOLERANCE, DiffusionDriver, as_uint8,
-                                              max_pixel_difference, run, run_one)
+from tests.diffusion_engine_helpers import (ENGINE_DEFAULTS, PIXEL_TOLERANCE, DiffusionDriver, as_uint8,
+                                            max_pixel_difference, run, run_one)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
