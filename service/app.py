@@ -8,10 +8,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from service.api import generate, system
+from service.api.auth import install_auth, require_api_key
+from service.api.drain import DrainController, DrainMiddleware
 from service.api.errors import install_error_handlers
+from service.api.openapi import document_generate_body
 from service.runtime.engine_client import EngineClient
 from service.settings import Settings
 
@@ -31,9 +34,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await asyncio.to_thread(client.shutdown)
 
-    app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan)
+    docs = {} if settings.enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan, **docs)
     app.state.settings = settings
     install_error_handlers(app)
+    install_auth(app, settings)
+    app.state.drain = DrainController(settings.drain_timeout_s, settings.retry_after_s)
+    app.add_middleware(DrainMiddleware, controller=app.state.drain)
     app.include_router(system.router)
-    app.include_router(generate.router)
+    # every generation router (/generate, /v1/..., /jobs...) is included with this dependency
+    app.include_router(generate.router, dependencies=[Depends(require_api_key)])
+    document_generate_body(app)
     return app

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
 
+from service.api.body import read_json_body
 from service.api.errors import APIError, error_response
 from service.api.schemas import REQUEST_SCHEMAS
 from service.api.streaming import ClientDisconnected, event_batches, merge_token_events, sse_message
@@ -24,23 +25,6 @@ router = APIRouter()
 request_log = logging.getLogger("genserve.requests")
 
 
-async def read_json_body(request: Request, max_bytes: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, "body_too_large", f"request body is {declared} bytes; the limit is {max_bytes}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, "body_too_large", f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, "invalid_json", f"request body is not valid JSON: {error}") from error
-
-
 @router.post("/generate", response_model=None)
 async def generate(request: Request) -> Response:
     state = request.app.state
@@ -48,7 +32,8 @@ async def generate(request: Request) -> Response:
     client: EngineClient = state.engine_client
     if not client.ready.is_set():
         raise APIError(503, "not_ready", "models are still loading", {"Retry-After": str(settings.retry_after_s)})
-    body = await read_json_body(request, settings.max_body_bytes)
+    body = await read_json_body(request, settings.max_body_bytes, settings.body_read_timeout_s,
+                                settings.max_json_depth)
     if not isinstance(body, dict):
         raise APIError(422, "validation_error", "the request body must be a JSON object")
     paradigms = {name: entry["paradigm"] for name, entry in client.models.items()}

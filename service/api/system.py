@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.api.auth import require_metrics_key
 from service.runtime.engine_client import EngineClient
 from service.runtime.metrics import exposition_registry
 
@@ -40,6 +41,6 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"models": list(_client(request).models.values())})
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_metrics_key)])
 async def metrics() -> Response:
     return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)

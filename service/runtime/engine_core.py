@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -94,6 +95,9 @@ class CommandReader:
 
 def run_engine_core(settings: Settings, commands: Connection, results: Connection) -> None:
     """Entry point of the child process."""
+    # Ctrl-C and most supervisors signal the whole process group: the front end drains, then stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
 
     logging.basicConfig(level=settings.log_level.upper(),
