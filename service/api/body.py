@@ -2,7 +2,7 @@
 
 ``read_json_body`` answers with an ``APIError`` (so a JSON 4xx) for each way a body can be bad:
 too slow (408), too large (413), not JSON (400), nested too deep, a number literal too long,
-NaN/Infinity, or a string that is not valid Unicode (422, naming the field). A client that leaves
+or a string that is not valid Unicode (422, naming the field). A client that leaves
 mid-upload is a 499 (counted by ``error_response``, logged in one line here, no traceback; nobody
 is left to read the answer). Nothing in here can raise a
 ``RecursionError`` or Python's int-string-limit ``ValueError``: depth is measured on the raw
@@ -39,10 +39,6 @@ class _NumberTooLong(Exception):
         self.length = len(literal)
 
 
-class _NonFiniteConstant(Exception):
-    pass
-
-
 def nesting_depth(body: bytes) -> int:
     """Deepest array/object nesting of a JSON text, ignoring brackets inside strings."""
     brackets = _STRING_LITERAL.sub(b"", body).translate(None, _NOT_BRACKETS)
@@ -60,11 +56,7 @@ def _parse_int(literal: str) -> int:
 def _parse_float(literal: str) -> float:
     if len(literal) > MAX_NUMBER_CHARS:
         raise _NumberTooLong(literal)
-    return float(literal)  # 1e999 -> inf, which the schemas reject (allow_inf_nan=False)
-
-
-def _reject_constant(name: str) -> Any:
-    raise _NonFiniteConstant(name)
+    return float(literal)  # 1e999 -> inf; the schemas reject it and NaN/Infinity (allow_inf_nan=False), by field
 
 
 def _field_path(path: tuple[str | int, ...]) -> str:
@@ -108,12 +100,10 @@ def parse_json_body(body: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     if depth > max_depth:
         raise APIError(422, "json_too_deep", f"the body nests arrays/objects {depth} deep; the limit is {max_depth}")
     try:
-        parsed = json.loads(body, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant)
+        parsed = json.loads(body, parse_int=_parse_int, parse_float=_parse_float)
     except _NumberTooLong as error:
         raise APIError(422, "number_too_large", f"a number literal of {error.length} characters; "
                                                 f"the limit is {MAX_NUMBER_CHARS}") from None
-    except _NonFiniteConstant as error:
-        raise APIError(422, "invalid_json", f"{error} is not a JSON value") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, "invalid_json", f"request body is not valid JSON: {clip(str(error))}") from None
     except RecursionError:  # unreachable after the depth check; kept so no input can ever become a 500
