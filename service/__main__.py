@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
 
         app = create_app(settings)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                access_log=False, http=bounded_http_protocol(settings.max_header_bytes),
+                                access_log=False, http=bounded_http_protocol(settings.max_header_bytes,
+                                                                           settings.body_read_timeout_s),
                                 timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]
         draining_server(config, app.state.drain).run()
     finally:

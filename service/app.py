@@ -8,10 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from service.api import generate, system
-from service.api.auth import install_auth, require_api_key
+from service.api.auth import api_key_dependencies, install_auth
 from service.api.drain import DrainController, DrainMiddleware
 from service.api.errors import install_error_handlers
 from service.api.openapi import document_generate_body
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.drain = DrainController(settings.drain_timeout_s, settings.retry_after_s)
     app.add_middleware(DrainMiddleware, controller=app.state.drain)
     app.include_router(system.router)
-    # every generation router (/generate, /v1/..., /jobs...) is included with this dependency
-    app.include_router(generate.router, dependencies=[Depends(require_api_key)])
+    # every generation router (/generate, /v1/..., /jobs...) is included with these dependencies
+    app.include_router(generate.router, dependencies=api_key_dependencies(settings))
     document_generate_body(app)
     return app

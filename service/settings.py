@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     # HTTP
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body (413 above)")
     max_header_bytes: int = Field(32768, ge=1024, description="largest request line + headers (431 above)")
-    body_read_timeout_s: float = Field(30.0, gt=0, description="time a client has to send the whole request "
+    body_read_timeout_s: float = Field(30.0, gt=0, description="time a client has to send the request head "
+                                                               "(from its first byte), and again its whole "
                                                                "body (408 after)")
     max_json_depth: int = Field(64, ge=2, description="deepest nesting of arrays/objects in a request body")
     # Shutdown (service/api/drain.py)

@@ -39,7 +39,8 @@ def _bearer(key: str) -> dict[str, str]:
 @pytest.mark.parametrize("headers", [{}, _bearer("wrong-key"), _bearer(ENV_KEYS[0][:-1]), _bearer(ENV_KEYS[0] + "x"),
                                      {"Authorization": f"Basic {ENV_KEYS[0]}"}, {"Authorization": ENV_KEYS[0]},
                                      {"Authorization": "Bearer"}, {"X-Api-Key": ENV_KEYS[0]}],
-                         ids=["missing", "wrong", "prefix", "longer", "basic-scheme", "no-scheme", "empty", "other-header"])
+                         ids=["missing", "wrong", "prefix", "longer", "basic-scheme", "no-scheme", "empty",
+                              "other-header"])
 def test_generation_without_a_valid_key_is_401(server: RunningServer, headers: dict[str, str]) -> None:
     with server.client() as http:
         for stream in (False, True):
@@ -108,7 +109,7 @@ def test_a_missing_key_file_stops_the_server_at_startup(tmp_path: Path) -> None:
 def test_every_generation_route_requires_the_key() -> None:
     """A guard for routes added later: every operation under /generate, /v1/ or /jobs carries the
     bearer dependency (which is what puts the HTTPBearer security requirement on it)."""
-    paths = create_app(Settings(models={})).openapi()["paths"]
+    paths = create_app(Settings(models={}, api_keys="k")).openapi()["paths"]
     generation_paths = [path for path in paths if path == "/generate" or path.startswith(("/v1/", "/jobs"))]
     assert generation_paths
     for path in generation_paths:
@@ -117,11 +118,12 @@ def test_every_generation_route_requires_the_key() -> None:
 
 
 def test_openapi_documents_the_generate_body_and_bearer_auth() -> None:
-    app = create_app(Settings(models={}))
-    assert app.state.api_keys == ()  # no keys configured: nothing to check (every other test file runs so)
+    app = create_app(Settings(models={}, api_keys="k"))
     document = app.openapi()
     operation = document["paths"]["/generate"]["post"]
     body_schemas = operation["requestBody"]["content"]["application/json"]["schema"]["anyOf"]
     assert {ref["$ref"].rsplit("/", 1)[1] for ref in body_schemas} == {"TextGenerateRequest", "ImageGenerateRequest"}
     assert operation["security"] == [{"HTTPBearer": []}]
     assert "security" not in document["paths"]["/health"]["get"]
+    open_app = create_app(Settings(models={}))  # no keys: no check, and none documented
+    assert open_app.state.api_keys == () and "security" not in open_app.openapi()["paths"]["/generate"]["post"]

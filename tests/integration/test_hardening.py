@@ -271,6 +271,28 @@ def test_a_dripping_body_cannot_extend_the_read_timeout(server: RunningServer) -
     assert time.monotonic() - started < 4
 
 
+def test_a_dripping_head_gets_408(server: RunningServer) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
+    answer = b""
+    sock.settimeout(0.2)
+    while time.monotonic() - started < 8 and not answer:
+        try:
+            sock.sendall(b"X")  # one header name, forever
+            answer = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert json.loads(body)["error"]["type"] == "head_timeout"
+    assert 1.4 < time.monotonic() - started < 4
+
+
 def test_abandoned_uploads_are_499s_logged_once_without_tracebacks(server: RunningServer) -> None:
     with server.client() as http:
         before = metric_samples(http.get("/metrics").text)
