@@ -4,9 +4,9 @@
 ``app.include_router(router, dependencies=api_key_dependencies(settings))`` and every route of it is
 protected (and documented in OpenAPI as needing a bearer token). With no key configured the list is
 empty: nothing to resolve per request (the dependency costs about 30 us). The accepted keys live in
-``app.state.api_keys`` (set by ``install_auth`` from the settings). Keys are compared with ``hmac.compare_digest`` against every configured key (no
-early exit, so the time taken does not depend on which key, or how much of one, matched) and are
-never logged. ``/metrics`` is protected only with ``metrics_require_key``.
+``app.state.api_keys`` (set by ``install_auth`` from the settings). Keys are compared with
+``hmac.compare_digest`` against every configured key (no early exit, so the time taken does not
+depend on which key, or how much of one, matched) and are never logged. ``/metrics`` is protected only with ``metrics_require_key``.
 """
 
 from __future__ import annotations

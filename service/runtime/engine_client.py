@@ -102,7 +102,7 @@ class EngineClient:
             pass
         self._process.join(timeout)
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.kill()  # the core ignores SIGTERM (it must outlive a signal to the process group)
             self._process.join(timeout)
 
     # ---- requests ------------------------------------------------------------------------------

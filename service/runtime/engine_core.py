@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -123,3 +124,6 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     logger.info(json.dumps({"event": "engine_core_ready", "models": list(registry.models),
                             "pid": os.getpid()}))
     worker.run(CommandReader(commands, registry, settings, sink, worker))
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)  # skip the interpreter's teardown of torch and the models: seconds on a busy CPU, in the shutdown
