@@ -2,23 +2,39 @@
 
 Every Settings field is a flag (``--max-batch-size``); flags override ``GENSERVE_*``
 env vars, which override the defaults. ``--model NAME=PATH`` may be repeated.
+
+uvicorn runs as our own ``DrainingServer``: SIGTERM/SIGINT start the drain of ``api/drain.py``
+(uvicorn's own handler would close the listener at once and re-raise the signal after
+shutdown, so the process would not exit 0 and atexit handlers would not run).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
+import contextlib
+import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import typing
-from typing import Any, get_args, get_origin
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from pydantic import ValidationError
 
 from service.settings import Settings, parse_model_specs
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from service.api.drain import DrainController
+
+logger = logging.getLogger("genserve.main")
 
 
 def _flag(name: str) -> str:
@@ -60,31 +76,90 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     return Settings(**args)
 
 
-def _share_metrics_between_processes() -> None:
+def _share_metrics_between_processes() -> str | None:
     """The engine core runs in a child process; prometheus-client's multiprocess mode lets the
-    front end's /metrics include its series. Must run before prometheus_client is imported."""
+    front end's /metrics include its series. Must run before prometheus_client is imported.
+    Returns the temporary directory this process owns (None when the caller set one)."""
     if "prometheus_client" in sys.modules or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return
+        return None
     directory = tempfile.mkdtemp(prefix="genserve-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def draining_server(config: uvicorn.Config, drain: DrainController) -> uvicorn.Server:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """The first SIGTERM/SIGINT drains (then sets ``should_exit``); a second ends the drain now."""
+
+        _drain_task: asyncio.Task[None] | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            try:
+                yield
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+
+        def _on_signal(self, signum: int) -> None:
+            logger.info(json.dumps({"event": "shutdown_signal", "signal": signal.Signals(signum).name,
+                                    "in_flight": drain.in_flight, "drain_timeout_s": drain.drain_timeout_s}))
+            if self._drain_task is None:
+                drain.begin()
+                self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit())
+            else:
+                drain.hurry()
+
+        async def _drain_then_exit(self) -> None:
+            try:
+                await drain.drain()
+            finally:
+                self.should_exit = True
+
+    return DrainingServer(config)
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = settings_from_args(argv)
+        settings.resolved_api_keys()  # a missing or empty key file stops us here, not at the first request
     except (ValidationError, ValueError) as error:
         print(f"invalid settings: {error}", file=sys.stderr)
         raise SystemExit(2) from error
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    _share_metrics_between_processes()
-    import uvicorn
+    metrics_directory = _share_metrics_between_processes()
+    try:
+        import uvicorn
 
-    from service.app import create_app
+        from service.api.http_protocol import bounded_http_protocol
+        from service.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)
+        app = create_app(settings)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                access_log=False, http=bounded_http_protocol(settings.max_header_bytes,
+                                                                           settings.body_read_timeout_s),
+                                timeout_graceful_shutdown=settings.shutdown_grace_s)  # type: ignore[arg-type]
+        draining_server(config, app.state.drain).run()
+    finally:
+        if metrics_directory is not None:
+            shutil.rmtree(metrics_directory, ignore_errors=True)
+
+
+def _exit_now() -> None:
+    """Leave without the interpreter's teardown (torch's among it: seconds on a busy CPU, within
+    the shutdown bound); everything that needs closing was closed by the lifespan and ``main``."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    _exit_now()

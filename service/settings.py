@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import cpu_quota
@@ -108,6 +108,23 @@ class Settings(BaseSettings):
                                      "past it only the final event is kept")
     # HTTP
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body (413 above)")
+    max_header_bytes: int = Field(32768, ge=1024, description="largest request line + headers (431 above)")
+    body_read_timeout_s: float = Field(30.0, gt=0, description="time a client has to send the request head "
+                                                               "(from its first byte), and again its whole "
+                                                               "body (408 after)")
+    max_json_depth: int = Field(64, ge=2, description="deepest nesting of arrays/objects in a request body")
+    # Shutdown (service/api/drain.py)
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT: how long in-flight requests may "
+                                                           "still run before they are ended")
+    shutdown_grace_s: float = Field(2.0, ge=0, description="after the drain: how long closing connections may "
+                                                           "take before their tasks are cancelled")
+    # Access (service/api/auth.py)
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="comma-separated API keys; when set (or api_key_file), generation routes need "
+                        "'Authorization: Bearer KEY' (prefer the env var or the file: flags show in ps)")
+    api_key_file: Path | None = Field(None, description="file with one API key per line (# comments allowed)")
+    metrics_require_key: bool = Field(False, description="/metrics needs an API key too")
+    enable_docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("models", mode="before")
@@ -116,6 +133,26 @@ class Settings(BaseSettings):
         if isinstance(value, (str, list)):
             return parse_model_specs(value)
         return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    def resolved_api_keys(self) -> tuple[str, ...]:
+        """The keys of ``api_keys`` and ``api_key_file`` together; empty = no authentication."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as error:
+                raise ValueError(f"api_key_file {self.api_key_file}: {error.strerror}") from error
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not keys:
+                raise ValueError(f"api_key_file {self.api_key_file} holds no key")
+        return tuple(keys)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -2,11 +2,17 @@
 
 ``/generate`` and the rest answer ``{"error": {"type", "message"}}``; routes under ``/v1/`` answer in
 OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the same statuses.
+
+Messages may quote what the client sent (an unknown label, a model name, a field name): every
+quoted value is clipped to ``ECHO_LIMIT`` characters and a whole message to ``MESSAGE_LIMIT``,
+so an error is never larger than a few kB whatever the input. A 5xx never names an exception:
+it carries an error id, and the one log line that holds the details has the same id.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 
 from fastapi import FastAPI, Request
@@ -16,12 +22,15 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.common.errors import (EngineError, EngineFailed, EngineUnavailable, InvalidRequest, PromptTooLong,
-                                   QueueFull, RequestTimedOut, UnknownLabel, UnknownModel, shorten)
+                                   QueueFull, RequestTimedOut, UnknownLabel, UnknownModel)
 from service.runtime import metrics
 
 logger = logging.getLogger(__name__)
 OPENAI_PREFIX = "/v1/"
-MAX_MESSAGE_CHARS = 2000
+ECHO_LIMIT = 200
+MESSAGE_LIMIT = 2000
+# a Python repr of a string ('...' or "..."), the form f"{value!r}" messages echo input in
+_QUOTED = re.compile(r"'[^'\\]*(?:\\.[^'\\]*)*'" + r'|"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 # Most specific first: the first entry the error is an instance of wins.
 ENGINE_ERROR_STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
@@ -36,6 +45,37 @@ ENGINE_ERROR_STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (EngineError, 500, "engine_error"),
 )
 RETRYABLE_STATUSES = (503,)
+
+
+def clip(text: str | None, limit: int = ECHO_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    text = "" if text is None else str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def clip_echoes(message: str) -> str:
+    """Clip each quoted value in ``message``, then the message as a whole."""
+    if len(message) > ECHO_LIMIT:
+        message = _QUOTED.sub(lambda match: clip(match.group(0)), message)
+    return clip(message, MESSAGE_LIMIT)
+
+
+def new_error_id() -> str:
+    return f"err-{uuid.uuid4().hex[:16]}"
+
+
+def internal_error_response(error_id: str, openai: bool = False) -> JSONResponse:
+    return error_response(500, "internal_error", f"internal error (id {error_id}); the server log has the details",
+                          {"X-Error-Id": error_id}, openai=openai)
+
+
+def unexpected_error_response(path: str, error: BaseException) -> JSONResponse:
+    """Log a bug once, with its traceback and an id; answer with the id alone."""
+    error_id = new_error_id()
+    logger.error("internal error %s on %s", error_id, clip(path), exc_info=error)
+    return internal_error_response(error_id, openai=path.startswith(OPENAI_PREFIX))
 
 
 class APIError(Exception):
@@ -63,7 +103,7 @@ def api_error(error: EngineError, retry_after_s: int) -> APIError:
 
 
 def error_body(status_code: int, error_type: str, message: str, openai: bool, param: str | None = None) -> dict:
-    message = shorten(message, MAX_MESSAGE_CHARS)
+    message = clip_echoes(message)
     if openai:
         openai_type = "invalid_request_error" if status_code < 500 else "server_error"
         return {"error": {"message": message, "type": openai_type, "param": param, "code": error_type}}
@@ -72,6 +112,11 @@ def error_body(status_code: int, error_type: str, message: str, openai: bool, pa
 
 def error_response(status_code: int, error_type: str, message: str, headers: dict[str, str] | None = None,
                    openai: bool = False, param: str | None = None) -> JSONResponse:
+    if status_code >= 500 and error_type in ("internal_error", "engine_error") \
+            and not message.startswith("internal error (id "):
+        error_id = new_error_id()  # log the details, answer with the id
+        logger.error("internal error %s: %s", error_id, clip(message, MESSAGE_LIMIT))
+        return internal_error_response(error_id, openai)
     if status_code >= 400:
         metrics.HTTP_REJECTIONS.labels(str(status_code)).inc()
     return JSONResponse(error_body(status_code, error_type, message, openai, param), status_code=status_code,
@@ -87,9 +132,9 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
     parts = []
     first_field = None
     for error in errors:
-        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        location = ".".join(clip(str(part)) for part in error.get("loc", ()) if part != "body")
         first_field = first_field or location or None
-        parts.append(f"{location or 'body'}: {shorten(str(error.get('msg', 'invalid')), 200)}")
+        parts.append(f"{location or 'body'}: {clip(error.get('msg', 'invalid'))}")
     return "; ".join(parts), first_field
 
 
@@ -122,7 +167,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        error_id = f"err-{uuid.uuid4().hex[:12]}"
-        logger.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
-        return error_response(500, "internal_error", f"internal error; the server log has it as {error_id}",
-                              openai=_is_openai(request))
+        return unexpected_error_response(request.url.path, error)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
 
+from service.api.body import read_json_body
 from service.api.engine_params import image_params, masked_text_request, text_request
 from service.api.errors import APIError, api_error, error_response
 from service.api.generate_format import delta_events, error_json, error_of, result_body
@@ -31,21 +32,10 @@ request_log = logging.getLogger("genserve.requests")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def read_json_body(request: Request, max_bytes: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, "body_too_large", f"request body is {declared} bytes; the limit is {max_bytes}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, "body_too_large", f"request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, "invalid_json", f"request body is not valid JSON: {error}") from error
+async def read_request_json(request: Request, settings: Settings) -> Any:
+    """The JSON body under the server's bounds: size, read time, nesting depth, number sizes, valid Unicode."""
+    return await read_json_body(request, settings.max_body_bytes, settings.body_read_timeout_s,
+                                settings.max_json_depth)
 
 
 def ready_client(request: Request) -> EngineClient:
@@ -83,7 +73,7 @@ async def prepare(request: Request) -> PreparedRequest:
     """A /generate body, read, validated and turned into engine params (also what POST /jobs takes)."""
     settings: Settings = request.app.state.settings
     client = ready_client(request)
-    body = await read_json_body(request, settings.max_body_bytes)
+    body = await read_request_json(request, settings)
     if not isinstance(body, dict):
         raise APIError(422, "validation_error", "the request body must be a JSON object")
     paradigms = {name: info.paradigm for name, info in client.models.items()}

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from service.api.engine_params import sampling_params, with_model_defaults
 from service.api.errors import APIError, api_error, error_body, error_response, status_of
-from service.api.generate import SSE_HEADERS, log_request, read_json_body, ready_client
+from service.api.generate import SSE_HEADERS, log_request, read_request_json, ready_client
 from service.api.generate_format import merge_text_deltas
 from service.api.openai_schemas import OpenAITextRequest
 from service.api.routing import resolve_model
@@ -281,7 +281,7 @@ async def read_body(request: Request, schema: type[T], paradigm: str,
     """The validated body, the model that serves it (of that paradigm and modality), and that model's info."""
     settings: Settings = request.app.state.settings
     client = ready_client(request)
-    raw = await read_json_body(request, settings.max_body_bytes)
+    raw = await read_request_json(request, settings)
     if not isinstance(raw, dict):
         raise APIError(422, "validation_error", "the request body must be a JSON object")
     named = raw.get("model")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.api.auth import require_metrics_key
 from service.runtime.engine_client import CoreState, EngineClient
 from service.runtime.messages import ModelInfo
 from service.runtime.metrics import exposition_registry
@@ -54,7 +55,7 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"models": [model_json(info) for info in _client(request).models.values()]})
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_metrics_key)])
 async def metrics(request: Request) -> Response:
     processes = process_metrics_text({"frontend": os.getpid(), "engine_core": _client(request).core_pid})
     return Response(generate_latest(exposition_registry()) + processes, media_type=CONTENT_TYPE_LATEST)

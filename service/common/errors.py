@@ -6,7 +6,7 @@ from __future__ import annotations
 
 def shorten(text: str, limit: int = 80) -> str:
     """A client's value, cut for echoing in an error message."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class EngineError(Exception):

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from multiprocessing.connection import Connection
 
@@ -104,11 +105,11 @@ def parse_injected_failures(spec: str) -> dict[str, frozenset[int]]:
 
 def run_engine_core(settings: Settings, commands: Connection, results: Connection) -> None:
     """Entry point of the child process."""
-    import torch
-
-    # Ctrl-C and SIGTERM to the process group reach us too: the front end drains and then stops us.
+    # Ctrl-C and most supervisors signal the whole process group: the front end drains, then stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     split = settings.cpu_split()
     if split is not None:
@@ -134,3 +135,6 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     loop.send(CoreReady(tuple(infos), os.getpid()))
     logger.info(json.dumps({"event": "engine_core_ready", "models": list(served), "pid": os.getpid()}))
     worker.run(loop)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)  # skip the interpreter's teardown of torch and the models: seconds on a busy CPU, in the shutdown

@@ -40,16 +40,20 @@ class RunningServer:
 
 @contextmanager
 def running_server(models: dict[str, Path], log_dir: Path, *extra_args: str,
-                   ready_timeout: float = 120.0) -> Iterator[RunningServer]:
+                   ready_timeout: float = 120.0, new_session: bool = False,
+                   env: dict[str, str] | None = None) -> Iterator[RunningServer]:
+    """``new_session``: the server leads its own process group (to signal the group);
+    ``env``: extra environment variables."""
     port = free_port()
     args = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
     for name, path in models.items():
         args += ["--model", f"{name}={path}"]
     args += list(extra_args)
     log_path = log_dir / f"server-{port}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=full_env,
+                                   start_new_session=new_session)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
     try:
         deadline = time.monotonic() + ready_timeout

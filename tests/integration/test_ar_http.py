@@ -233,3 +233,15 @@ def small_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def test_full_queue_gets_503_with_retry_after(small_server: RunningServer) -> None:
     check_full_queue_gets_503(small_server, {"prompt": "x", "max_tokens": 4000, "ignore_eos": True}, {"prompt": "x", "max_tokens": 3, "ignore_eos": True})
+
+
+def test_tiny_temperatures_are_greedy_and_overflowing_penalties_fail_loudly(client: httpx.Client) -> None:
+    request = {**AR, "prompt": "def f(x):", "max_tokens": 6, "ignore_eos": True}
+    greedy = client.post("/generate", json={**request, "temperature": 0}).json()
+    tiny = client.post("/generate", json={**request, "temperature": 1e-38, "seed": 1}).json()
+    assert tiny["token_ids"] == greedy["token_ids"] and tiny["finish_reason"] == "length"
+    overflowing = client.post("/generate", json={**request, "repetition_penalty": 1e-300, "temperature": 0.7})
+    assert overflowing.status_code == 422, overflowing.text  # never a silent token 0 with finish_reason "stop"
+    assert overflowing.json()["error"]["type"] == "validation_error"
+    assert "non-finite" in overflowing.json()["error"]["message"]
+    assert client.get("/health").status_code == 200
