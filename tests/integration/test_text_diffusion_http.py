@@ -16,7 +16,7 @@ from tests.fixtures.tiny_text_diffusion import AR_TOKENIZER
 from tests.integration.server import (RunningServer, metric_samples, metric_value, running_server, stream_events,
                                       wait_for)
 
-MAX_STEPS = 40
+MAX_STEPS = 1000
 TEXT = {"model": "mdlm", "prompt": "ROMEO:", "max_tokens": 16, "steps": 4, "seed": 1, "temperature": 0.8}
 
 
@@ -86,7 +86,7 @@ def test_the_prompt_elbo_is_a_seeded_bound(client: httpx.Client) -> None:
 
 
 def test_cancelling_frees_the_slot(client: httpx.Client) -> None:
-    with client.stream("POST", "/generate", json={**TEXT, "max_tokens": 200, "steps": MAX_STEPS, "stream": True}) as response:
+    with client.stream("POST", "/generate", json={**TEXT, "max_tokens": 240, "steps": 240, "stream": True}) as response:
         next(response.iter_lines())
 
     def freed() -> bool:
