@@ -188,3 +188,47 @@ def test_reset_prefix_cache_forgets_only_free_blocks() -> None:
     assert manager.match_prefix(make_sequence("c", [11, 12, 13, 14, 15])) == 0
     assert manager.match_prefix(make_sequence("d", [1, 2, 3, 4, 5, 6, 7, 8, 9])) == 8
     assert held.block_table == [0, 1, 2]
+
+
+def test_blocks_published_after_a_prefix_hit_chain_on_the_hit_blocks() -> None:
+    manager = KVCacheManager(10, BLOCK_SIZE)
+    computed(manager, make_sequence("a", [1, 2, 3, 4, 9]))
+    extended = make_sequence("b", [1, 2, 3, 4, 5, 6, 7, 8, 10])
+    extended.num_computed_tokens = manager.match_prefix(extended)
+    assert extended.num_computed_tokens == 4
+    computed(manager, extended)
+    # b's second block is published under the hash of its whole prefix, not of its own tokens alone
+    assert manager.match_prefix(make_sequence("c", [1, 2, 3, 4, 5, 6, 7, 8, 11])) == 8
+    assert manager.match_prefix(make_sequence("d", [5, 6, 7, 8, 11])) == 0
+
+
+def test_an_evicted_block_is_published_again_once_refilled() -> None:
+    manager = KVCacheManager(2, BLOCK_SIZE)
+    manager.free(computed(manager, make_sequence("a", [1, 2, 3, 4, 5])))
+    refill = computed(manager, make_sequence("b", [6, 7, 8, 9, 10, 11, 12, 13]))
+    assert refill.block_table == [1, 0]  # block 0 lost a's prefix when it was taken
+    assert manager.match_prefix(make_sequence("c", [1, 2, 3, 4, 5])) == 0
+    manager.free(refill)
+    assert manager.match_prefix(make_sequence("d", [6, 7, 8, 9, 10, 11, 12, 13, 14])) == 8
+
+
+def test_free_forgets_the_request() -> None:
+    manager = KVCacheManager(10, BLOCK_SIZE)
+    seq = computed(manager, make_sequence("a", [1, 2, 3, 4, 5, 6, 7, 8, 9], SamplingParams(prompt_logprobs=True)))
+    manager.free(seq)
+    assert manager._block_hashes == {}
+    # recomputed after a preemption (prompt logprobs: no prefix match), its new blocks are published
+    assert manager.match_prefix(seq) == 0
+    filler = make_sequence("f", list(range(100, 128)))
+    assert manager.allocate(filler, 28)  # a's partial block 2 and blocks 3-8
+    computed(manager, seq)
+    assert seq.block_table == [9, 1, 0]  # taking 1 and 0 dropped a's old hashes
+    assert manager.match_prefix(make_sequence("b", [1, 2, 3, 4, 5, 6, 7, 8, 42])) == 8
+
+
+def test_match_prefix_takes_only_a_sequence_without_blocks() -> None:
+    manager = KVCacheManager(10, BLOCK_SIZE)
+    seq = make_sequence("a", [1, 2, 3, 4, 5])
+    assert manager.allocate(seq, 5)
+    with pytest.raises(AssertionError):
+        manager.match_prefix(seq)

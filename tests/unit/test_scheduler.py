@@ -201,3 +201,51 @@ def test_remove_drops_running_or_waiting_sequences_and_frees_their_blocks() -> N
     scheduler.remove(running)  # already gone: nothing happens
     assert not scheduler.has_work()
     assert scheduler.schedule().is_empty
+
+
+def test_a_running_sequence_gets_the_last_token_of_the_budget() -> None:
+    scheduler = new_scheduler(max_num_batched_tokens=2)
+    add(scheduler, "a", [1], max_tokens=3)
+    add(scheduler, "b", [2, 3, 4, 5], max_tokens=1)
+    batches = run_to_completion(scheduler)
+    assert [entries(b) for b in batches] == [[("a", 1), ("b", 1)]] * 3 + [[("b", 1)]]
+
+
+def test_a_block_shortage_preempts_the_newest_of_several() -> None:
+    scheduler = new_scheduler(num_blocks=3)
+    first = add(scheduler, "a", [1, 2, 3, 4], max_tokens=4)
+    middle = add(scheduler, "b", [11, 12], max_tokens=4)
+    newest = add(scheduler, "c", [21, 22], max_tokens=4)
+    engine_step(scheduler, scheduler.schedule())
+    batch = scheduler.schedule()  # a's fifth token needs a second block
+    assert entries(batch) == [("a", 1), ("b", 1)] and batch.preempted == [newest]
+    assert scheduler.running == [first, middle] and first.block_table == [0, 2]
+
+
+def test_prefix_hits_of_one_step_add_up() -> None:
+    scheduler = new_scheduler()
+    add(scheduler, "a", [1, 2, 3, 4, 5, 6, 7, 8, 9], max_tokens=1)
+    run_to_completion(scheduler)
+    add(scheduler, "b", [1, 2, 3, 4, 5, 6, 7, 8, 50], max_tokens=1)
+    add(scheduler, "c", [1, 2, 3, 4, 60, 61], max_tokens=1)
+    batch = scheduler.schedule()
+    assert entries(batch) == [("b", 1), ("c", 2)] and batch.prefix_hit_tokens == 12
+
+
+def test_every_preemption_is_counted() -> None:
+    scheduler = new_scheduler(num_blocks=3)
+    add(scheduler, "a", [1], max_tokens=6)
+    add(scheduler, "b", [20], max_tokens=2)
+    third = add(scheduler, "c", [40, 41, 42, 43], max_tokens=4)
+    batches = run_to_completion(scheduler)
+    assert [(entries(b), [seq.request_id for seq in b.preempted], b.prefix_hit_tokens) for b in batches] == [
+        ([("a", 1), ("b", 1), ("c", 4)], [], 0),
+        ([("a", 1), ("b", 1)], ["c"], 0),  # c alone lacks a block: it preempts itself
+        ([("a", 1), ("c", 1)], [], 4),     # b's block is free again; c's first block is a prefix hit
+        ([("a", 1), ("c", 1)], [], 0),
+        ([("a", 1)], ["c"], 0),            # a needs a second block: c is the newest
+        ([("a", 1)], [], 0),               # c's prefix hit leaves it one block short
+        ([("c", 3)], [], 4),
+    ]
+    assert third.num_preemptions == 2 and third.num_cached_prompt_tokens == 0
+    assert third.output_token_ids == [1004, 1005, 1006, 1007]
