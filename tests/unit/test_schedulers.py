@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -295,3 +296,110 @@ def test_invalid_requests_are_rejected() -> None:
         schedule.step(x, x, [state])
     with pytest.raises(ValueError, match="batch size"):
         schedule.step(torch.zeros((2, 1, 4, 4)), torch.zeros((2, 1, 4, 4)), [schedule.new_state("ddim", 2)])
+
+
+def test_plans_are_built_once_and_shared() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    plan = schedule.timestep_plan("ddim", 10)
+    assert schedule.timestep_plan(SamplerKind.DDIM, 10) is plan
+    assert schedule.new_state("ddim", 10).plan is plan
+    assert schedule.timestep_plan("ddpm", 10) is not plan
+
+
+def test_gather_rows_reports_each_rows_position_and_noise_draws() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    states = [schedule.new_state("ddim", 5, eta=0.5), schedule.new_state("euler", 5),
+              schedule.new_state("ddim", 5), schedule.new_state("ddpm", 5)]
+    for state, step_index in zip(states, [1, 2, 3, 4]):
+        state.step_index = step_index
+    rows = schedule.gather_rows(states)
+    assert rows.step_index.dtype == torch.int64 and rows.step_index.tolist() == [1, 2, 3, 4]
+    assert rows.kinds == (SamplerKind.DDIM, SamplerKind.EULER, SamplerKind.DDIM, SamplerKind.DDPM)
+    assert rows.row_positions_by_kind == {SamplerKind.DDIM: (0, 2), SamplerKind.EULER: (1,), SamplerKind.DDPM: (3,)}
+    assert {kind: index.tolist() for kind, index in rows.row_indices_by_kind.items()} == {
+        SamplerKind.DDIM: [0, 2], SamplerKind.EULER: [1], SamplerKind.DDPM: [3]}
+    # DDPM's last leading-spaced step is at t = 0, where it adds no noise
+    assert rows.timestep.tolist() == [600.0, states[1].timestep, 200.0, 0.0]
+    assert rows.draws_noise == (True, False, False, False)
+    assert rows.batch_size == 4
+
+
+def test_every_per_row_tensor_is_made_on_the_batch_device() -> None:
+    # On the meta device a tensor left on the CPU by mistake makes the next operation raise, as on CUDA.
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+
+    def fresh_states() -> list[SamplerState]:
+        return [schedule.new_state("ddim", 10, eta=0.5, generator=torch.Generator().manual_seed(0)),
+                schedule.new_state("ddim", 10), schedule.new_state("ddpm", 10, generator=torch.Generator().manual_seed(1)),
+                schedule.new_state("euler", 10)]
+
+    rows = schedule.gather_rows(fresh_states(), "meta")
+    vectors = [rows.step_index, rows.timestep, rows.alpha_prod_t, rows.alpha_prod_prev, rows.eta, rows.sigma,
+               rows.sigma_next, rows.input_divisor, *rows.row_indices_by_kind.values()]
+    assert {vector.device.type for vector in vectors} == {"meta"}
+    x = torch.empty((4, 2, 3, 3), device="meta")
+    assert schedule.model_timesteps(fresh_states(), "meta").device.type == "meta"
+    assert schedule.model_timesteps(rows, "meta").device.type == "meta"
+    assert schedule.scale_model_input(x, fresh_states()).device.type == "meta"
+    assert schedule.step(x, x, fresh_states()).device.type == "meta"
+    assert schedule.step_rows(x, x, rows).device.type == "meta"
+    single_kind = [schedule.new_state("ddim", 10, eta=1.0, generator=torch.Generator().manual_seed(2)),
+                   schedule.new_state("ddim", 10)]
+    assert schedule.step(x[:2], x[:2], single_kind).device.type == "meta"
+    state = schedule.new_state("euler", 10, generator=torch.Generator().manual_seed(3))
+    noise = schedule.initial_noise((1, 2, 3, 3), state, device="meta")
+    assert noise.device.type == "meta" and noise.dtype == torch.float32
+
+
+def test_initial_noise_comes_in_the_requested_dtype_from_a_float32_draw() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    state = schedule.new_state("ddim", 10, generator=torch.Generator().manual_seed(4))
+    noise = schedule.initial_noise((1, 2, 3, 3), state, dtype=torch.bfloat16)
+    expected = torch.randn((1, 2, 3, 3), generator=torch.Generator().manual_seed(4)).bfloat16()
+    assert noise.dtype == torch.bfloat16 and torch.equal(noise, expected)
+
+
+def test_euler_in_bfloat16_equals_diffusers_bit_for_bit() -> None:
+    config = CONFIGS["sd_scaled_linear_leading"]
+    schedule = NoiseSchedule.from_config(config)
+    reference = make_diffusers_scheduler(config, SamplerKind.EULER, 10)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)).bfloat16()
+    model_output = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2)).bfloat16()
+    state = schedule.new_state("euler", 10)
+    for step_index in range(10):
+        state.step_index = step_index
+        reference._step_index = step_index
+        expected = reference.step(model_output, reference.timesteps[step_index], x).prev_sample
+        assert torch.equal(schedule.step(model_output, x, [state]), expected), step_index
+
+
+def test_a_one_dimensional_sample_is_a_batch_of_scalars() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    states = [schedule.new_state("ddim", 4), schedule.new_state("ddim", 4)]
+    x = torch.tensor([0.5, -0.5])
+    batched = schedule.step(x, x, states)
+    alone = [schedule.step(x[i:i + 1, None], x[i:i + 1, None], [schedule.new_state("ddim", 4)]) for i in range(2)]
+    assert batched.shape == (2,) and batched.tolist() == [row.item() for row in alone]
+
+
+@pytest.mark.parametrize("num_steps", [True, 2.5, "10"])
+def test_num_steps_must_be_an_int(num_steps: object) -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    with pytest.raises(ValueError, match=re.escape(f"num_steps must be an int, got {num_steps!r}")):
+        schedule.timestep_plan("ddim", num_steps)  # type: ignore[arg-type]
+
+
+def test_error_messages_say_what_is_wrong() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    with pytest.raises(ValueError, match=re.escape("unsupported sampler kind 'heun'; supported: ddim, ddpm, euler")):
+        schedule.new_state("heun", 10)
+    with pytest.raises(ValueError, match="^a batch needs at least one row$"):
+        schedule.gather_rows([])
+    state = schedule.new_state("ddim", 10)
+    with pytest.raises(ValueError, match=re.escape("model_output shape (1, 1, 4, 4) != sample shape (1, 1, 4, 5)")):
+        schedule.step(torch.zeros((1, 1, 4, 4)), torch.zeros((1, 1, 4, 5)), [state])
+    with pytest.raises(ValueError, match="^sample has batch size 2, rows 1$"):
+        schedule.step(torch.zeros((2, 3, 4, 4)), torch.zeros((2, 3, 4, 4)), [state])
+    with pytest.raises(ValueError, match="^sample has batch size 0, rows 1$"):
+        schedule.scale_model_input(torch.tensor(1.0), [state])
+    assert state.step_index == 0
