@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup serve test bench-ar bench-diffusion clean
+.PHONY: setup serve test mutation bench-ar bench-diffusion clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ serve: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+$(VENV)/.mutation-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,mutation]'
+	touch $@
+
+# mutmut over the engine-core modules with their unit tests -> docs/mutation.md (not in CI: ~20 min on 2 cores)
+mutation: $(VENV)/.mutation-installed
+	$(PY) tools/mutation/run.py $(ARGS)
+
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
@@ -31,4 +39,4 @@ bench-diffusion: $(VENV)/.bench-installed
 	$(PY) -m loadtest.bench_diffusion $(ARGS)
 
 clean:
-	rm -rf $(VENV) .bench build *.egg-info
+	rm -rf $(VENV) .bench build *.egg-info mutants

@@ -403,3 +403,116 @@ def test_error_messages_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="^sample has batch size 0, rows 1$"):
         schedule.scale_model_input(torch.tensor(1.0), [state])
     assert state.step_index == 0
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
+def test_ddpm_steps_equal_diffusers_bit_for_bit(variance_type: str) -> None:
+    config = {"num_train_timesteps": TRAIN_STEPS, "variance_type": variance_type}
+    schedule = NoiseSchedule.from_config(config)
+    reference = make_diffusers_scheduler(config, SamplerKind.DDPM, 10)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    model_output = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2))
+    for step_index in range(10):
+        state = schedule.new_state("ddpm", 10, generator=torch.Generator().manual_seed(step_index))
+        state.step_index = step_index
+        expected = reference.step(model_output, reference.timesteps[step_index], x,
+                                  generator=torch.Generator().manual_seed(step_index)).prev_sample
+        assert torch.equal(schedule.step(model_output, x, [state]), expected), step_index
+
+
+def test_a_config_without_schedule_keys_gets_the_diffusers_defaults() -> None:
+    schedule = NoiseSchedule.from_config({})
+    reference = DDIMScheduler.from_config({})
+    assert schedule.num_train_timesteps == 1000
+    assert torch.equal(schedule.betas, reference.betas)
+    assert torch.equal(schedule.alphas_cumprod, reference.alphas_cumprod)
+    direct = NoiseSchedule(betas=reference.betas)
+    for attribute in ("prediction_type", "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset",
+                      "timestep_spacing", "variance_type", "final_sigmas_type"):
+        assert getattr(direct, attribute) == getattr(schedule, attribute), attribute
+    assert (schedule.prediction_type, schedule.clip_sample, schedule.clip_sample_range, schedule.set_alpha_to_one,
+            schedule.steps_offset, schedule.variance_type, schedule.final_sigmas_type) == (
+        "epsilon", True, 1.0, True, 0, "fixed_small", "zero")
+    # keys present with a null value mean the default too
+    nulls = NoiseSchedule.from_config({"prediction_type": None, "variance_type": None, "steps_offset": None})
+    assert (nulls.prediction_type, nulls.variance_type, nulls.steps_offset) == ("epsilon", "fixed_small", 0)
+
+
+def test_betas_are_kept_in_float32() -> None:
+    betas = torch.linspace(0.0001, 0.02, 50, dtype=torch.float64)
+    schedule = NoiseSchedule(betas=betas)
+    assert schedule.betas.dtype == torch.float32 and schedule.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(schedule.betas, betas.float())
+
+
+def test_trained_betas_are_used_as_given() -> None:
+    trained = [0.001 * (i + 1) for i in range(10)]
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 10, "trained_betas": trained, "beta_schedule": "sigmoid"})
+    reference = DDIMScheduler.from_config({"num_train_timesteps": 10, "trained_betas": trained})
+    assert torch.equal(schedule.betas, torch.tensor(trained, dtype=torch.float32))
+    assert torch.equal(schedule.alphas_cumprod, reference.alphas_cumprod)
+    with pytest.raises(ValueError, match=re.escape("trained_betas has shape (3,), expected (10,)")):
+        NoiseSchedule.from_config({"num_train_timesteps": 10, "trained_betas": trained[:3]})
+
+
+def test_a_single_training_timestep_is_enough() -> None:
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 1})
+    assert schedule.timestep_plan("ddim", 1).timesteps.tolist() == [0]
+    with pytest.raises(ValueError, match="^num_train_timesteps must be >= 1, got 0$"):
+        NoiseSchedule.from_config({"num_train_timesteps": 0})
+
+
+def test_timesteps_below_zero_are_rejected() -> None:
+    schedule = NoiseSchedule.from_config({**CONFIGS["ddpm_linear_leading"], "steps_offset": -1})
+    with pytest.raises(ValueError, match=re.escape(
+            "leading spacing with steps_offset=-1 gives timesteps outside [0, 999] for num_steps=10")):
+        schedule.timestep_plan("ddim", 10)
+
+
+def test_the_step_returns_the_samples_dtype_whatever_the_model_outputs() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    x = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5)).bfloat16()
+    model_output = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(6))
+    for kinds in (["ddim"], ["ddim", "ddpm", "euler"]):
+        states = [schedule.new_state(kind, 10, generator=torch.Generator().manual_seed(i)) for i, kind in enumerate(kinds)]
+        rows = len(kinds)
+        assert schedule.step(model_output[:rows], x[:rows], states).dtype == torch.bfloat16
+
+
+def test_noise_without_a_generator_comes_from_the_global_generator() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    torch.manual_seed(9)
+    noise = schedule.initial_noise((1, 2, 3, 3), schedule.new_state("ddim", 10))
+    torch.manual_seed(9)
+    assert torch.equal(noise, torch.randn((1, 2, 3, 3)))
+    state = schedule.new_state("ddim", 10, eta=1.0)
+    x = torch.zeros((1, 2, 3, 3))
+    torch.manual_seed(9)
+    first = schedule.step(x, x, [state])
+    state.step_index = 0
+    torch.manual_seed(9)
+    assert torch.equal(schedule.step(x, x, [state]), first)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"prediction_type": "flow"}, "unsupported prediction_type 'flow'; supported: epsilon, v_prediction, sample"),
+    ({"timestep_spacing": "karras"}, "unsupported timestep_spacing 'karras'; supported: leading, trailing, linspace"),
+    ({"variance_type": "learned"}, "unsupported variance_type 'learned'; supported: fixed_small, fixed_small_log, fixed_large"),
+    ({"final_sigmas_type": "one"}, "unsupported final_sigmas_type 'one'; supported: zero, sigma_min"),
+    ({"beta_schedule": "sigmoid"}, "unsupported beta_schedule 'sigmoid'; supported: linear, scaled_linear, squaredcos_cap_v2"),
+    ({"timestep_type": "continuous"}, "unsupported timestep_type 'continuous'; supported: discrete"),
+])
+def test_unsupported_values_are_named_with_the_supported_ones(override: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        NoiseSchedule.from_config({**CONFIGS["ddpm_linear_leading"], **override})
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("prediction_type", "flow", "unsupported prediction_type 'flow'; supported: epsilon, v_prediction, sample"),
+    ("timestep_spacing", "karras", "unsupported timestep_spacing 'karras'; supported: leading, trailing, linspace"),
+    ("variance_type", "learned", "unsupported variance_type 'learned'; supported: fixed_small, fixed_small_log, fixed_large"),
+    ("final_sigmas_type", "one", "unsupported final_sigmas_type 'one'; supported: zero, sigma_min"),
+])
+def test_the_constructor_checks_its_options_too(option: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        NoiseSchedule(betas=torch.linspace(0.0001, 0.02, 10), **{option: value})
