@@ -516,3 +516,27 @@ def test_unsupported_values_are_named_with_the_supported_ones(override: dict[str
 def test_the_constructor_checks_its_options_too(option: str, value: str, message: str) -> None:
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         NoiseSchedule(betas=torch.linspace(0.0001, 0.02, 10), **{option: value})
+
+
+def test_model_timesteps_are_moved_to_the_requested_device() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    rows = schedule.gather_rows([schedule.new_state("ddim", 10)])
+    assert rows.timestep.device.type == "cpu"
+    assert schedule.model_timesteps(rows, "meta").device.type == "meta"
+
+
+def test_a_bfloat16_rows_result_does_not_depend_on_its_batch_mates() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7)).bfloat16()
+    model_output = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(8)).bfloat16()
+
+    def noisy_state() -> SamplerState:
+        state = schedule.new_state("ddim", 10, eta=1.0, generator=torch.Generator().manual_seed(9))
+        state.step_index = 3
+        return state
+
+    quiet = schedule.new_state("ddim", 10)
+    quiet.step_index = 3
+    alone = schedule.step(model_output[:1], x[:1], [noisy_state()])
+    batched = schedule.step(model_output, x, [noisy_state(), quiet])
+    assert batched.dtype == torch.bfloat16 and torch.equal(batched[:1], alone)

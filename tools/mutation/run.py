@@ -170,9 +170,14 @@ def write_report(results: list[ModuleResult], equivalents: dict[str, str], max_c
     for result, name in survivors:
         out += [f"### `{name}` ({result.statuses[name]})", "", "```diff", diff_of(name, result.path), "```", ""]
 
+    scored_equivalents = [equivalents[name] for name in known if name in equivalents]
+    cuda_only = sum(reason.startswith("[cuda-only]") for reason in scored_equivalents)
+    float32 = sum(reason.startswith("[float32]") for reason in scored_equivalents)
     out += ["## Equivalent mutants", "",
-            "No input can tell these from the original code (or only a CUDA device could, where noted); "
-            "they are excluded from the score.", ""]
+            f"No test can tell these {len(scored_equivalents)} from the original code; they are excluded from the "
+            f"score. {cuda_only} are marked [cuda-only]: they change a tensor's device, which only a CUDA run could "
+            f"tell ({len(scored_equivalents) - cuda_only} remain equivalent on any device). {float32} are marked "
+            "[float32]: they drop a dtype argument whose default is the float32 the code is given.", ""]
     for result in results:
         for name in sorted(set(result.statuses) & set(equivalents), key=mutant_sort_key):
             out += [f"### `{name}`", "", equivalents[name], "", "```diff", diff_of(name, result.path), "```", ""]
