@@ -24,7 +24,7 @@ $(VENV)/.mutation-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,mutation]'
 	touch $@
 
-# mutmut over the engine-core modules with their unit tests -> docs/mutation.md (not in CI: ~20 min on 2 cores)
+# mutmut over the engine-core modules with their unit tests -> docs/mutation.md (not in CI: about 15 min on 2 cores)
 mutation: $(VENV)/.mutation-installed
 	$(PY) tools/mutation/run.py $(ARGS)
 
