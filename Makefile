@@ -7,7 +7,7 @@ ARGS ?=
 # but a fresh `make test` must keep the CPU build this pin resolves to here, not the newest (CUDA) release.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup serve test bench-ar bench-diffusion clean
+.PHONY: setup serve test mutation bench-ar bench-diffusion clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ serve: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+$(VENV)/.mutation-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,mutation]'
+	touch $@
+
+# mutmut over the engine-core modules with their unit tests -> docs/mutation.md (not in CI: about 15 min on 2 cores)
+mutation: $(VENV)/.mutation-installed
+	$(PY) tools/mutation/run.py $(ARGS)
+
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
@@ -35,4 +43,4 @@ bench-diffusion: $(VENV)/.bench-installed
 	$(PY) -m loadtest.bench_diffusion $(ARGS)
 
 clean:
-	rm -rf $(VENV) .bench build *.egg-info
+	rm -rf $(VENV) .bench build *.egg-info mutants

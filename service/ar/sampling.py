@@ -55,14 +55,17 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, params: list[SamplingParams]
     vocab = logits.shape[-1]
     device = logits.device
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
+    # top_p 1 is "off": an unreachable threshold, since a float32 cumulative sum can hit 1.0 before the tail
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=device,
+                         dtype=logits.dtype)
     min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
     sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
     remove = ranks >= top_k[:, None]
     sorted_probs = sorted_logits.softmax(dim=-1)
     cumulative = sorted_probs.cumsum(dim=-1)
-    remove |= (cumulative - sorted_probs) > top_p[:, None]
+    # drop a token once the mass before it already reaches top_p: the smallest set reaching top_p survives
+    remove |= (cumulative - sorted_probs) >= top_p[:, None]
     remove |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
     remove[:, 0] = False  # the most likely token always survives
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))

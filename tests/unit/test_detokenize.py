@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from service.ar.detokenize import IncrementalDetokenizer
 from tests.fixtures.tiny_models import build_tokenizer
@@ -61,3 +61,70 @@ def test_text_that_might_start_a_stop_string_is_held_back(tokenizer: Tokenizer) 
     for token_id in tokenizer.encode("Dx").ids:
         detokenizer.append(token_id)
     assert detokenizer.take_delta(final=False) == "ENDx"
+
+
+# SentencePiece-style pieces: "▁" marks a word start, and a word decoded first loses its leading space.
+METASPACE_PIECES = ["<unk>", "</s>", "▁Hello", "▁world", "!", "▁a.b.", "▁END", "E", "N", "N!"]
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.WordLevel({piece: i for i, piece in enumerate(METASPACE_PIECES)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.add_special_tokens([AddedToken("</s>", special=True)])
+    return tokenizer
+
+
+def piece_ids(*pieces: str) -> list[int]:
+    return [METASPACE_PIECES.index(piece) for piece in pieces]
+
+
+def detokenize(tokenizer: Tokenizer, prompt: list[str], generated: list[str], stop: tuple[str, ...] = ()
+               ) -> tuple[list[str], IncrementalDetokenizer]:
+    detokenizer = IncrementalDetokenizer(tokenizer, piece_ids(*prompt), stop)
+    deltas = []
+    for token_id in piece_ids(*generated):
+        detokenizer.append(token_id)
+        deltas.append(detokenizer.take_delta(final=False))
+    return deltas, detokenizer
+
+
+def test_the_prompt_is_the_first_tokens_context(metaspace_tokenizer: Tokenizer) -> None:
+    assert metaspace_tokenizer.decode(piece_ids("▁world")) == "world"
+    deltas, _ = detokenize(metaspace_tokenizer, ["▁Hello"], ["▁world", "!"])
+    assert deltas == [" world", "!"]
+
+
+def test_special_tokens_are_skipped_and_keep_the_context(metaspace_tokenizer: Tokenizer) -> None:
+    deltas, detokenizer = detokenize(metaspace_tokenizer, ["▁Hello"], ["</s>", "▁world", "!", "</s>", "!"])
+    assert deltas == ["", " world", "!", "", "!"]
+    assert detokenizer.text == " world!!"
+
+
+def test_a_stop_string_at_the_very_start_is_caught(metaspace_tokenizer: Tokenizer) -> None:
+    deltas, detokenizer = detokenize(metaspace_tokenizer, [], ["▁Hello"], stop=("Hel",))
+    assert deltas == [""] and detokenizer.text == "" and detokenizer.stop_string_hit == "Hel"
+
+
+def test_a_token_holding_a_stop_string_twice_is_cut_at_the_first(metaspace_tokenizer: Tokenizer) -> None:
+    deltas, detokenizer = detokenize(metaspace_tokenizer, ["▁Hello"], ["▁a.b."], stop=(".",))
+    assert deltas == [" a"] and detokenizer.stop_string_hit == "."
+
+
+def test_the_earliest_stop_string_wins_and_a_tie_goes_to_the_first_listed(metaspace_tokenizer: Tokenizer) -> None:
+    _, detokenizer = detokenize(metaspace_tokenizer, ["▁Hello"], ["▁world", "▁END"], stop=("END", "world"))
+    assert detokenizer.text == " " and detokenizer.stop_string_hit == "world"
+    _, detokenizer = detokenize(metaspace_tokenizer, ["▁Hello"], ["▁world", "▁END"], stop=("wor", "world"))
+    assert detokenizer.text == " " and detokenizer.stop_string_hit == "wor"
+
+
+def test_the_held_back_tail_is_released_at_the_end_or_at_a_stop(metaspace_tokenizer: Tokenizer) -> None:
+    deltas, detokenizer = detokenize(metaspace_tokenizer, ["▁Hello"], ["▁world", "▁END"], stop=("END!",))
+    assert deltas == [" world", " "]  # "END" could still become "END!"
+    assert detokenizer.take_delta(final=True) == "END"
+    assert detokenizer.take_delta(final=True) == ""
+
+    deltas, detokenizer = detokenize(metaspace_tokenizer, [], ["E", "N", "N!"], stop=("N!",))
+    # "EN" ends like the stop string begins, but once the stop string is found nothing more can follow
+    assert deltas == ["E", "", "N"] and detokenizer.text == "EN"

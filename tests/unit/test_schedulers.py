@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -104,10 +105,11 @@ def run_diffusers(
 
 
 def run_ours_alone(schedule: NoiseSchedule, state: SamplerState, x: torch.Tensor) -> torch.Tensor:
-    while not state.finished:
+    for _ in range(state.num_steps - state.step_index):  # bounded: a state that never finishes fails, not hangs
         t = schedule.model_timesteps([state])
         model_output = fake_model(schedule.scale_model_input(x, [state]), t)
         x = schedule.step(model_output, x, [state]).prev_sample
+    assert state.finished
     return x
 
 
@@ -214,6 +216,7 @@ def test_mixed_batch_rows_equal_rows_run_alone(config_name: str) -> None:
     engine_step = 0
     saw_mixed_kinds = False
     while not all(state.finished for state in states):
+        assert engine_step < 100, "the rows never finish"
         active = [i for i, row in enumerate(BATCH_ROWS) if row[4] <= engine_step and not states[i].finished]
         engine_step += 1
         if not active:
@@ -318,3 +321,247 @@ def test_each_steps_x0_estimate_is_diffusers_pred_original_sample(config_name: s
                                 ours, [state])
         assert torch.allclose(stepped.pred_original_sample, expected.pred_original_sample, atol=1e-5, rtol=1e-5)
         ours, theirs = stepped.prev_sample, expected.prev_sample
+
+
+def test_plans_are_built_once_and_shared() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    plan = schedule.timestep_plan("ddim", 10)
+    assert schedule.timestep_plan(SamplerKind.DDIM, 10) is plan
+    assert schedule.new_state("ddim", 10).plan is plan
+    assert schedule.timestep_plan("ddpm", 10) is not plan
+
+
+def test_gather_rows_reports_each_rows_position_and_noise_draws() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    states = [schedule.new_state("ddim", 5, eta=0.5), schedule.new_state("euler", 5),
+              schedule.new_state("ddim", 5), schedule.new_state("ddpm", 5)]
+    for state, step_index in zip(states, [1, 2, 3, 4]):
+        state.step_index = step_index
+    rows = schedule.gather_rows(states)
+    assert rows.step_index.dtype == torch.int64 and rows.step_index.tolist() == [1, 2, 3, 4]
+    assert rows.kinds == (SamplerKind.DDIM, SamplerKind.EULER, SamplerKind.DDIM, SamplerKind.DDPM)
+    assert rows.row_positions_by_kind == {SamplerKind.DDIM: (0, 2), SamplerKind.EULER: (1,), SamplerKind.DDPM: (3,)}
+    assert {kind: index.tolist() for kind, index in rows.row_indices_by_kind.items()} == {
+        SamplerKind.DDIM: [0, 2], SamplerKind.EULER: [1], SamplerKind.DDPM: [3]}
+    # DDPM's last leading-spaced step is at t = 0, where it adds no noise
+    assert rows.timestep.tolist() == [600.0, states[1].timestep, 200.0, 0.0]
+    assert rows.draws_noise == (True, False, False, False)
+    assert rows.batch_size == 4
+
+
+def test_every_per_row_tensor_is_made_on_the_batch_device() -> None:
+    # On the meta device a tensor left on the CPU by mistake makes the next operation raise, as on CUDA.
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+
+    def fresh_states() -> list[SamplerState]:
+        return [schedule.new_state("ddim", 10, eta=0.5, generator=torch.Generator().manual_seed(0)),
+                schedule.new_state("ddim", 10), schedule.new_state("ddpm", 10, generator=torch.Generator().manual_seed(1)),
+                schedule.new_state("euler", 10)]
+
+    rows = schedule.gather_rows(fresh_states(), "meta")
+    vectors = [rows.step_index, rows.timestep, rows.alpha_prod_t, rows.alpha_prod_prev, rows.eta, rows.sigma,
+               rows.sigma_next, rows.input_divisor, *rows.row_indices_by_kind.values()]
+    assert {vector.device.type for vector in vectors} == {"meta"}
+    x = torch.empty((4, 2, 3, 3), device="meta")
+    assert schedule.model_timesteps(fresh_states(), "meta").device.type == "meta"
+    assert schedule.model_timesteps(rows, "meta").device.type == "meta"
+    assert schedule.scale_model_input(x, fresh_states()).device.type == "meta"
+    assert schedule.step(x, x, fresh_states()).prev_sample.device.type == "meta"
+    assert schedule.step_rows(x, x, rows).prev_sample.device.type == "meta"
+    single_kind = [schedule.new_state("ddim", 10, eta=1.0, generator=torch.Generator().manual_seed(2)),
+                   schedule.new_state("ddim", 10)]
+    assert schedule.step(x[:2], x[:2], single_kind).prev_sample.device.type == "meta"
+    state = schedule.new_state("euler", 10, generator=torch.Generator().manual_seed(3))
+    noise = schedule.initial_noise((1, 2, 3, 3), state, device="meta")
+    assert noise.device.type == "meta" and noise.dtype == torch.float32
+
+
+def test_initial_noise_comes_in_the_requested_dtype_from_a_float32_draw() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    state = schedule.new_state("ddim", 10, generator=torch.Generator().manual_seed(4))
+    noise = schedule.initial_noise((1, 2, 3, 3), state, dtype=torch.bfloat16)
+    expected = torch.randn((1, 2, 3, 3), generator=torch.Generator().manual_seed(4)).bfloat16()
+    assert noise.dtype == torch.bfloat16 and torch.equal(noise, expected)
+
+
+def test_euler_in_bfloat16_equals_diffusers_bit_for_bit() -> None:
+    config = CONFIGS["sd_scaled_linear_leading"]
+    schedule = NoiseSchedule.from_config(config)
+    reference = make_diffusers_scheduler(config, SamplerKind.EULER, 10)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)).bfloat16()
+    model_output = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2)).bfloat16()
+    state = schedule.new_state("euler", 10)
+    for step_index in range(10):
+        state.step_index = step_index
+        reference._step_index = step_index
+        expected = reference.step(model_output, reference.timesteps[step_index], x).prev_sample
+        assert torch.equal(schedule.step(model_output, x, [state]).prev_sample, expected), step_index
+
+
+def test_a_one_dimensional_sample_is_a_batch_of_scalars() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    states = [schedule.new_state("ddim", 4), schedule.new_state("ddim", 4)]
+    x = torch.tensor([0.5, -0.5])
+    batched = schedule.step(x, x, states).prev_sample
+    alone = [schedule.step(x[i:i + 1, None], x[i:i + 1, None], [schedule.new_state("ddim", 4)]).prev_sample for i in range(2)]
+    assert batched.shape == (2,) and batched.tolist() == [row.item() for row in alone]
+
+
+@pytest.mark.parametrize("num_steps", [True, 2.5, "10"])
+def test_num_steps_must_be_an_int(num_steps: object) -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    with pytest.raises(ValueError, match=re.escape(f"num_steps must be an int, got {num_steps!r}")):
+        schedule.timestep_plan("ddim", num_steps)  # type: ignore[arg-type]
+
+
+def test_error_messages_say_what_is_wrong() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    with pytest.raises(ValueError, match=re.escape("unsupported sampler kind 'heun'; supported: ddim, ddpm, euler")):
+        schedule.new_state("heun", 10)
+    with pytest.raises(ValueError, match="^a batch needs at least one row$"):
+        schedule.gather_rows([])
+    state = schedule.new_state("ddim", 10)
+    with pytest.raises(ValueError, match=re.escape("model_output shape (1, 1, 4, 4) != sample shape (1, 1, 4, 5)")):
+        schedule.step(torch.zeros((1, 1, 4, 4)), torch.zeros((1, 1, 4, 5)), [state])
+    with pytest.raises(ValueError, match="^sample has batch size 2, rows 1$"):
+        schedule.step(torch.zeros((2, 3, 4, 4)), torch.zeros((2, 3, 4, 4)), [state])
+    with pytest.raises(ValueError, match="^sample has batch size 0, rows 1$"):
+        schedule.scale_model_input(torch.tensor(1.0), [state])
+    assert state.step_index == 0
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
+def test_ddpm_steps_equal_diffusers_bit_for_bit(variance_type: str) -> None:
+    config = {"num_train_timesteps": TRAIN_STEPS, "variance_type": variance_type}
+    schedule = NoiseSchedule.from_config(config)
+    reference = make_diffusers_scheduler(config, SamplerKind.DDPM, 10)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    model_output = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2))
+    for step_index in range(10):
+        state = schedule.new_state("ddpm", 10, generator=torch.Generator().manual_seed(step_index))
+        state.step_index = step_index
+        expected = reference.step(model_output, reference.timesteps[step_index], x,
+                                  generator=torch.Generator().manual_seed(step_index)).prev_sample
+        assert torch.equal(schedule.step(model_output, x, [state]).prev_sample, expected), step_index
+
+
+def test_a_config_without_schedule_keys_gets_the_diffusers_defaults() -> None:
+    schedule = NoiseSchedule.from_config({})
+    reference = DDIMScheduler.from_config({})
+    assert schedule.num_train_timesteps == 1000
+    assert torch.equal(schedule.betas, reference.betas)
+    assert torch.equal(schedule.alphas_cumprod, reference.alphas_cumprod)
+    direct = NoiseSchedule(betas=reference.betas)
+    for attribute in ("prediction_type", "clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset",
+                      "timestep_spacing", "variance_type", "final_sigmas_type"):
+        assert getattr(direct, attribute) == getattr(schedule, attribute), attribute
+    assert (schedule.prediction_type, schedule.clip_sample, schedule.clip_sample_range, schedule.set_alpha_to_one,
+            schedule.steps_offset, schedule.variance_type, schedule.final_sigmas_type) == (
+        "epsilon", True, 1.0, True, 0, "fixed_small", "zero")
+    # keys present with a null value mean the default too
+    nulls = NoiseSchedule.from_config({"prediction_type": None, "variance_type": None, "steps_offset": None})
+    assert (nulls.prediction_type, nulls.variance_type, nulls.steps_offset) == ("epsilon", "fixed_small", 0)
+
+
+def test_betas_are_kept_in_float32() -> None:
+    betas = torch.linspace(0.0001, 0.02, 50, dtype=torch.float64)
+    schedule = NoiseSchedule(betas=betas)
+    assert schedule.betas.dtype == torch.float32 and schedule.alphas_cumprod.dtype == torch.float32
+    assert torch.equal(schedule.betas, betas.float())
+
+
+def test_trained_betas_are_used_as_given() -> None:
+    trained = [0.001 * (i + 1) for i in range(10)]
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 10, "trained_betas": trained, "beta_schedule": "sigmoid"})
+    reference = DDIMScheduler.from_config({"num_train_timesteps": 10, "trained_betas": trained})
+    assert torch.equal(schedule.betas, torch.tensor(trained, dtype=torch.float32))
+    assert torch.equal(schedule.alphas_cumprod, reference.alphas_cumprod)
+    with pytest.raises(ValueError, match=re.escape("trained_betas has shape (3,), expected (10,)")):
+        NoiseSchedule.from_config({"num_train_timesteps": 10, "trained_betas": trained[:3]})
+
+
+def test_a_single_training_timestep_is_enough() -> None:
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 1})
+    assert schedule.timestep_plan("ddim", 1).timesteps.tolist() == [0]
+    with pytest.raises(ValueError, match="^num_train_timesteps must be >= 1, got 0$"):
+        NoiseSchedule.from_config({"num_train_timesteps": 0})
+
+
+def test_timesteps_below_zero_are_rejected() -> None:
+    schedule = NoiseSchedule.from_config({**CONFIGS["ddpm_linear_leading"], "steps_offset": -1})
+    with pytest.raises(ValueError, match=re.escape(
+            "leading spacing with steps_offset=-1 gives timesteps outside [0, 999] for num_steps=10")):
+        schedule.timestep_plan("ddim", 10)
+
+
+def test_the_step_returns_the_samples_dtype_whatever_the_model_outputs() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    x = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5)).bfloat16()
+    model_output = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(6))
+    for kinds in (["ddim"], ["ddim", "ddpm", "euler"]):
+        states = [schedule.new_state(kind, 10, generator=torch.Generator().manual_seed(i)) for i, kind in enumerate(kinds)]
+        rows = len(kinds)
+        assert schedule.step(model_output[:rows], x[:rows], states).prev_sample.dtype == torch.bfloat16
+
+
+def test_noise_without_a_generator_comes_from_the_global_generator() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    torch.manual_seed(9)
+    noise = schedule.initial_noise((1, 2, 3, 3), schedule.new_state("ddim", 10))
+    torch.manual_seed(9)
+    assert torch.equal(noise, torch.randn((1, 2, 3, 3)))
+    state = schedule.new_state("ddim", 10, eta=1.0)
+    x = torch.zeros((1, 2, 3, 3))
+    torch.manual_seed(9)
+    first = schedule.step(x, x, [state]).prev_sample
+    state.step_index = 0
+    torch.manual_seed(9)
+    assert torch.equal(schedule.step(x, x, [state]).prev_sample, first)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"prediction_type": "flow"}, "unsupported prediction_type 'flow'; supported: epsilon, v_prediction, sample"),
+    ({"timestep_spacing": "karras"}, "unsupported timestep_spacing 'karras'; supported: leading, trailing, linspace"),
+    ({"variance_type": "learned"}, "unsupported variance_type 'learned'; supported: fixed_small, fixed_small_log, fixed_large"),
+    ({"final_sigmas_type": "one"}, "unsupported final_sigmas_type 'one'; supported: zero, sigma_min"),
+    ({"beta_schedule": "sigmoid"}, "unsupported beta_schedule 'sigmoid'; supported: linear, scaled_linear, squaredcos_cap_v2"),
+    ({"timestep_type": "continuous"}, "unsupported timestep_type 'continuous'; supported: discrete"),
+])
+def test_unsupported_values_are_named_with_the_supported_ones(override: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        NoiseSchedule.from_config({**CONFIGS["ddpm_linear_leading"], **override})
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("prediction_type", "flow", "unsupported prediction_type 'flow'; supported: epsilon, v_prediction, sample"),
+    ("timestep_spacing", "karras", "unsupported timestep_spacing 'karras'; supported: leading, trailing, linspace"),
+    ("variance_type", "learned", "unsupported variance_type 'learned'; supported: fixed_small, fixed_small_log, fixed_large"),
+    ("final_sigmas_type", "one", "unsupported final_sigmas_type 'one'; supported: zero, sigma_min"),
+])
+def test_the_constructor_checks_its_options_too(option: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        NoiseSchedule(betas=torch.linspace(0.0001, 0.02, 10), **{option: value})
+
+
+def test_model_timesteps_are_moved_to_the_requested_device() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["ddpm_linear_leading"])
+    rows = schedule.gather_rows([schedule.new_state("ddim", 10)])
+    assert rows.timestep.device.type == "cpu"
+    assert schedule.model_timesteps(rows, "meta").device.type == "meta"
+
+
+def test_a_bfloat16_rows_result_does_not_depend_on_its_batch_mates() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7)).bfloat16()
+    model_output = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(8)).bfloat16()
+
+    def noisy_state() -> SamplerState:
+        state = schedule.new_state("ddim", 10, eta=1.0, generator=torch.Generator().manual_seed(9))
+        state.step_index = 3
+        return state
+
+    quiet = schedule.new_state("ddim", 10)
+    quiet.step_index = 3
+    alone = schedule.step(model_output[:1], x[:1], [noisy_state()]).prev_sample
+    batched = schedule.step(model_output, x, [noisy_state(), quiet]).prev_sample
+    assert batched.dtype == torch.bfloat16 and torch.equal(batched[:1], alone)
