@@ -240,6 +240,9 @@ def test_job_rejects_bad_settings() -> None:
     with pytest.raises(ValueError):
         DenoiseJob.create([1], max_tokens=8, steps=1, mask_token_id=TOY_MASK, block_length=2)
     with pytest.raises(ValueError):
+        DenoiseJob.create([1, 2], max_tokens=63, steps=4, mask_token_id=TOY_MASK, max_positions=64)
+    DenoiseJob.create([1], max_tokens=63, steps=4, mask_token_id=TOY_MASK, max_positions=64)
+    with pytest.raises(ValueError):
         SamplingParams(top_p=0)
 
 
