@@ -70,6 +70,12 @@ def word_share(texts: list[str], dictionary: set[str]) -> tuple[float, int]:
     return (sum(word in dictionary for word in words) / len(words) if words else 0.0), len(words)
 
 
+def distinct_share(texts: list[str]) -> float:
+    """Mean over samples of distinct words / words: low when a sample repeats itself ("sir, sir, sir")."""
+    shares = [len(set(words)) / len(words) for words in map(words_of, texts) if words]
+    return sum(shares) / len(shares) if shares else 0.0
+
+
 def diffusion_samples(loaded: LoadedMaskedDiffusionLM, steps: int, max_tokens: int, remasking: str,
                       sampling: SamplingParams, block_length: int | None) -> list[str]:
     jobs = [DenoiseJob.create([loaded.eos_token_id, *loaded.tokenizer.encode(prompt).ids], max_tokens, steps,
@@ -129,16 +135,20 @@ def main() -> None:
         texts = diffusion_samples(loaded, steps, args.max_tokens, args.remasking, sampling, args.block_length)
         share, words = word_share(texts, dictionary)
         seconds = time.perf_counter() - started
-        result["diffusion"].append({"steps": steps, "word_share": share, "words": words, "seconds": seconds})
+        distinct = distinct_share(texts)
+        result["diffusion"].append({"steps": steps, "word_share": share, "words": words, "distinct_share": distinct,
+                                    "seconds": seconds})
         result["samples"][f"steps_{steps}"] = texts[:4]
-        print(f"diffusion  steps {steps:3d}: word share {share:.3f} ({words} words), {seconds:.1f} s for "
+        print(f"diffusion  steps {steps:3d}: word share {share:.3f} ({words} words), distinct {distinct:.3f}, "
+              f"{seconds:.1f} s for "
               f"{len(texts)} samples", flush=True)
     if not args.skip_ar:
         texts = ar_samples(args.max_tokens, args.temperature)
         share, words = word_share(texts, dictionary)
-        result["ar"] = {"word_share": share, "words": words}
+        result["ar"] = {"word_share": share, "words": words, "distinct_share": distinct_share(texts)}
         result["samples"]["ar"] = texts[:4]
-        print(f"AR (transformers, temperature {args.temperature}): word share {share:.3f} ({words} words)", flush=True)
+        print(f"AR (transformers, temperature {args.temperature}): word share {share:.3f} ({words} words), "
+              f"distinct {result['ar']['distinct_share']:.3f}", flush=True)
     if not args.skip_elbo:
         started = time.perf_counter()
         result["heldout_elbo"] = heldout_elbo(loaded, args.model_dir, args.data_dir, args.elbo_samples, seed=0)

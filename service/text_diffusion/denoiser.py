@@ -43,8 +43,12 @@ class DenoiseJob:
     def create(cls, prompt_ids: Sequence[int], max_tokens: int, steps: int, mask_token_id: int,
                remasking: str = "low_confidence", block_length: int | None = None,
                sampling: SamplingParams | None = None, seed: int | None = None,
-               device: torch.device | str = "cpu") -> DenoiseJob:
-        """A fresh job; raises ValueError on bad settings (steps < 1, fewer steps than blocks, unknown rule...)."""
+               device: torch.device | str = "cpu", max_positions: int | None = None) -> DenoiseJob:
+        """A fresh job; raises ValueError on bad settings (steps < 1, fewer steps than blocks, unknown rule, a
+        prompt plus ``max_tokens`` longer than ``max_positions``, the model's ``max_position_embeddings``)."""
+        if max_positions is not None and len(prompt_ids) + max_tokens > max_positions:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"{max_positions} positions")
         if remasking not in REMASKING_RULES:
             raise ValueError(f"unknown remasking rule {remasking!r} (known: {', '.join(REMASKING_RULES)})")
         if mask_token_id in prompt_ids:

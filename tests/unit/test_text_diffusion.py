@@ -102,7 +102,7 @@ def test_elbo_estimate_matches_the_exact_bound_on_a_toy_model() -> None:
     model = toy_model()
     token_ids = [3, 7, 1, 9]
     exact = exact_negative_elbo(model, token_ids)
-    estimate = estimate_elbo(model, token_ids, samples=4000, seed=0, characters=8)
+    estimate = estimate_elbo(model, token_ids, samples=4000, seed=0, characters=8, batch_size=1000)
     assert abs(estimate.nats - exact) < 4 * estimate.standard_error_nats + 1e-3, (estimate, exact)
     assert estimate.standard_error_nats < 0.05 * exact
     assert estimate.bits_per_character == pytest.approx(estimate.nats / math.log(2) / 8)
@@ -112,7 +112,7 @@ def test_elbo_estimate_matches_the_exact_bound_on_a_toy_model() -> None:
 def test_elbo_with_context_matches_the_exact_bound_and_scores_only_the_text() -> None:
     model = toy_model()
     exact = exact_negative_elbo(model, [3, 7, 1], context_ids=[5, 2])
-    estimate = estimate_elbo(model, [3, 7, 1], samples=3000, seed=1, context_ids=[5, 2])
+    estimate = estimate_elbo(model, [3, 7, 1], samples=3000, seed=1, context_ids=[5, 2], batch_size=1000)
     assert estimate.tokens == 3
     assert abs(estimate.nats - exact) < 4 * estimate.standard_error_nats + 1e-3, (estimate, exact)
     assert abs(exact - exact_negative_elbo(model, [3, 7, 1])) > 4 * estimate.standard_error_nats  # context matters
@@ -239,6 +239,9 @@ def test_job_rejects_bad_settings() -> None:
         DenoiseJob.create([1], max_tokens=8, steps=0, mask_token_id=TOY_MASK)
     with pytest.raises(ValueError):
         DenoiseJob.create([1], max_tokens=8, steps=1, mask_token_id=TOY_MASK, block_length=2)
+    with pytest.raises(ValueError):
+        DenoiseJob.create([1, 2], max_tokens=63, steps=4, mask_token_id=TOY_MASK, max_positions=64)
+    DenoiseJob.create([1], max_tokens=63, steps=4, mask_token_id=TOY_MASK, max_positions=64)
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
 
