@@ -37,10 +37,10 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 bench-ar: $(VENV)/.bench-installed
-	$(PY) -m loadtest.bench_ar $(ARGS)
+	$(PY) -m loadtest.benchmarks.bench_ar $(ARGS)
 
 bench-diffusion: $(VENV)/.bench-installed
-	$(PY) -m loadtest.bench_diffusion $(ARGS)
+	$(PY) -m loadtest.benchmarks.bench_diffusion $(ARGS)
 
 clean:
 	rm -rf $(VENV) .bench build *.egg-info mutants

@@ -18,8 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from loadtest.diffusion_load import request_plan, run_image_load
-from loadtest.loadgen import run_load
+from loadtest.clients.diffusion_load import request_plan, run_image_load
+from loadtest.clients.loadgen import run_load
 
 
 async def measure(url: str, concurrency: int, ar_requests: int, max_tokens: int, image_requests: int,

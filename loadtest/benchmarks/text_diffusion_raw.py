@@ -4,7 +4,7 @@
 run); their step counts cycle through ``--steps`` (default 8, 16, 32, 64) so short and long jobs share every
 forward. Reports generated tokens per second (``max_tokens`` per request, whatever was sampled) and requests/s.
 
-    python -m loadtest.text_diffusion_raw --model models/tiny-shakespeare-mdlm --concurrency 16 --requests 16
+    python -m loadtest.benchmarks.text_diffusion_raw --model models/tiny-shakespeare-mdlm --concurrency 16 --requests 16
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from service.text_diffusion.denoiser import DenoiseJob, denoise_step
 from service.text_diffusion.loader import load_masked_diffusion_lm
 from service.text_diffusion.remasking import SamplingParams
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO_ROOT / "models" / "tiny-shakespeare-mdlm"
 DEFAULT_STEPS = [8, 16, 32, 64]
 

@@ -10,7 +10,7 @@ generate so that every benchmark request produces exactly `max_tokens` tokens:
   * so after the final RMSNorm dimension 0 is always positive, and the eos row of lm_head
     is `-EOS_SUPPRESSION` on dimension 0 and zero elsewhere: the eos logit is always very negative.
 
-Usage: python -m loadtest.make_bench_model [OUTPUT_DIR]
+Usage: python -m loadtest.benchmarks.make_bench_model [OUTPUT_DIR]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The AR-vs-diffusion tradeoff, measured live through one server that serves the three bundled models.
 
-    .venv/bin/python -m loadtest.tradeoff --serve              # starts the server on the bundled models
-    .venv/bin/python -m loadtest.tradeoff --url http://127.0.0.1:8000
+    .venv/bin/python -m loadtest.quality.tradeoff --serve              # starts the server on the bundled models
+    .venv/bin/python -m loadtest.quality.tradeoff --url http://127.0.0.1:8000
 
 Writes ``docs/tradeoff.md`` (tables and the seed's comparison as measured numbers), ``docs/tradeoff.json`` and
 three small PNGs. On the same prompts and the same held-out text:
@@ -35,12 +35,12 @@ from typing import Any
 import httpx
 from tokenizers import Tokenizer
 
-from loadtest.hf_serve import find_free_port, managed_server
-from loadtest.quality_digits import evaluate_digit_quality
-from loadtest.quality_text import chunk_text, service_chunk_logprob
+from loadtest.benchmarks.hf_serve import find_free_port, managed_server
+from loadtest.quality.quality_digits import evaluate_digit_quality
+from loadtest.quality.quality_text import chunk_text, service_chunk_logprob
 from models.recipes.shakespeare_texts import fetch_texts_dir, read_heldout_names, read_text, split_train_heldout, words_of
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 AR_MODEL, TEXT_DIFFUSION_MODEL, IMAGE_MODEL = "tiny-shakespeare", "tiny-shakespeare-mdlm", "tiny-digits"
 PROMPTS = ["ROMEO:", "JULIET:", "KING LEAR:", "HAMLET:", "First Citizen:", "PORTIA:", "OTHELLO:", "MACBETH:"]
 DATA_DIR = Path(tempfile.gettempdir()) / "genserve-shakespeare"
@@ -252,7 +252,7 @@ def main() -> None:
         missing = {AR_MODEL, TEXT_DIFFUSION_MODEL, IMAGE_MODEL} - served
         if missing:
             raise SystemExit(f"the server at {url} does not serve {sorted(missing)}")
-        result: dict[str, Any] = {"command": "python -m loadtest.tradeoff" + (" --serve" if args.serve else ""),
+        result: dict[str, Any] = {"command": "python -m loadtest.quality.tradeoff" + (" --serve" if args.serve else ""),
                                   "date": time.strftime("%Y-%m-%d")}
         result["latency"] = latency_vs_length(client, ints(args.lengths), ints(args.diffusion_steps), args.repeats)
         result["quality"], result["ar_word_share"], result["examples"] = quality_vs_steps(

@@ -14,8 +14,8 @@ reference is transformers' ``AutoModelForCausalLM`` in float32 on the same token
 
 Usage (against a running server, or ``--serve`` to start one on the model folder):
 
-    .venv/bin/python -m loadtest.quality_text --url http://127.0.0.1:8000 --model tiny-shakespeare
-    .venv/bin/python -m loadtest.quality_text --serve
+    .venv/bin/python -m loadtest.quality.quality_text --url http://127.0.0.1:8000 --model tiny-shakespeare
+    .venv/bin/python -m loadtest.quality.quality_text --serve
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import httpx
 import torch
 from tokenizers import Tokenizer
 
-from loadtest.hf_serve import find_free_port, managed_server
+from loadtest.benchmarks.hf_serve import find_free_port, managed_server
 from models.recipes.shakespeare_texts import fetch_texts_dir, read_heldout_names, read_text, split_train_heldout
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_NAME = "tiny-shakespeare"
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "tiny-shakespeare"
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "genserve-shakespeare"

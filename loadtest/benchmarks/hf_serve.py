@@ -14,7 +14,7 @@ keeps the checkpoint's dtype (float32 for the bench model). Streams end after th
 With continuous batching the sampling settings of the *first* request are used for all later ones.
 
 Usage (smoke test: start, one streamed chat request, stop):
-  python -m loadtest.hf_serve .bench/tiny-llama-5m
+  python -m loadtest.benchmarks.hf_serve .bench/tiny-llama-5m
 """
 
 from __future__ import annotations

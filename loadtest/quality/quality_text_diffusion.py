@@ -1,7 +1,7 @@
 """Quality of the bundled masked-diffusion text model, in-process (no service): held-out ELBO and word-list shares.
 
 Held-out ELBO. The held-out plays (the folder's ``heldout.txt``) are cut at line ends into chunks of at most
-``max_position_embeddings - 1`` tokens, exactly as ``loadtest.quality_text`` cuts them for the AR model; each chunk
+``max_position_embeddings - 1`` tokens, exactly as ``loadtest.quality.quality_text`` cuts them for the AR model; each chunk
 is scored after an unmasked ``<|endoftext|>`` context token with ``--elbo-samples`` stratified masked copies
 (seeded). bits per character = negative ELBO (nats, summed over chunks) / ln 2 / characters: an upper bound on
 the model's negative log-likelihood, not an exact logprob.
@@ -12,7 +12,7 @@ the generated words (``[a-z]+`` of the lowercased text, up to the first eos) fou
 ``models/tiny-shakespeare/words.txt``. The AR model (``models/tiny-shakespeare``, transformers) samples the same
 prompts for comparison.
 
-    .venv/bin/python -m loadtest.quality_text_diffusion --out docs/mdlm_quality.json
+    .venv/bin/python -m loadtest.quality.quality_text_diffusion --out docs/mdlm_quality.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from loadtest.quality_text import DEFAULT_DATA_DIR, chunk_text
+from loadtest.quality.quality_text import DEFAULT_DATA_DIR, chunk_text
 from models.recipes.shakespeare_texts import (fetch_texts_dir, read_heldout_names, read_text, split_train_heldout,
                                               words_of)
 from service.text_diffusion.denoiser import DenoiseJob, final_token_ids, run_to_completion
@@ -34,7 +34,7 @@ from service.text_diffusion.loader import LoadedMaskedDiffusionLM, load_masked_d
 from service.text_diffusion.masking import estimate_elbo
 from service.text_diffusion.remasking import SamplingParams
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "tiny-shakespeare-mdlm"
 AR_MODEL_DIR = REPO_ROOT / "models" / "tiny-shakespeare"
 WORDS_FILE = AR_MODEL_DIR / "words.txt"

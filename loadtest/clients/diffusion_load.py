@@ -7,7 +7,7 @@ same work. Reported: images/s over the measured phase, e2e (client send -> answe
 (the server's ``timings.queue_s``) p50/p99, errors.
 
 Usage:
-  python -m loadtest.diffusion_load --url http://127.0.0.1:8000 --model digits --concurrency 16 --requests 96
+  python -m loadtest.clients.diffusion_load --url http://127.0.0.1:8000 --model digits --concurrency 16 --requests 96
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtest.http_stream import HttpConnection
+from loadtest.clients.http_stream import HttpConnection
+from loadtest.clients.loadgen import percentile
 
 
 DIGIT_LABELS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -60,16 +61,6 @@ class ImageRecord:
     @property
     def e2e_s(self) -> float:
         return self.end_time - self.send_time
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = fraction * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass

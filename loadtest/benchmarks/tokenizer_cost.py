@@ -1,6 +1,6 @@
 """What tokenization and detokenization cost, to decide where they run (README, "Where tokenization runs").
 
-    .venv/bin/python -m loadtest.tokenizer_cost [--tokens-per-second 3800]
+    .venv/bin/python -m loadtest.benchmarks.tokenizer_cost [--tokens-per-second 3800]
 """
 
 from __future__ import annotations

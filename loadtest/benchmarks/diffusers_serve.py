@@ -10,7 +10,7 @@ The API mirrors genserve's for the load generator: POST /generate ``{prompt, ste
 ``{images: [{png_base64, seed}], steps, timings: {queue_s, total_s}}``.
 
 Usage:
-  python -m loadtest.diffusers_serve --model-path .bench/digits-1m --port 8010 --threads 1
+  python -m loadtest.benchmarks.diffusers_serve --model-path .bench/digits-1m --port 8010 --threads 1
 """
 
 from __future__ import annotations

@@ -3,16 +3,16 @@
   transformers-serve        `transformers serve --continuous-batching` + the load generator (OpenAI chat API)
   genserve                  `python -m service --model bench=PATH ...` + the load generator (/generate API)
   genserve-v1-completions   the same genserve server, streamed through its OpenAI /v1/completions API
-  raw                       genserve's engine in-process, no HTTP (`loadtest.raw_ar.run_raw`)
+  raw                       genserve's engine in-process, no HTTP (`loadtest.benchmarks.raw_ar.run_raw`)
 
 Each system runs alone (servers are stopped before the next starts), with unmeasured warmup requests
 first; the two genserve APIs share one server and alternate run by run, so both see the same machine.
 Prints one table and the throughput ratios, and writes JSON (default docs/bench_ar.json).
 
 Usage:
-  python -m loadtest.bench_ar                                   # all systems, 32 x 64 tokens, 96 requests
-  python -m loadtest.bench_ar --systems transformers-serve --concurrency 8 --requests 16
-  python -m loadtest.bench_ar --systems genserve,genserve-v1-completions   # /v1/completions vs /generate
+  python -m loadtest.benchmarks.bench_ar                                   # all systems, 32 x 64 tokens, 96 requests
+  python -m loadtest.benchmarks.bench_ar --systems transformers-serve --concurrency 8 --requests 16
+  python -m loadtest.benchmarks.bench_ar --systems genserve,genserve-v1-completions   # /v1/completions vs /generate
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
-from loadtest.hf_serve import RunningServer, find_free_port, managed_server, transformers_serve
-from loadtest.loadgen import ApiKind, LoadResult, build_prompt, run_load
+from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server, transformers_serve
+from loadtest.clients.loadgen import ApiKind, LoadResult, build_prompt, run_load
 
 SYSTEMS = ("transformers-serve", "genserve", "genserve-v1-completions", "raw")
 # genserve systems: one server, one API each
@@ -180,8 +180,8 @@ def bench_genserve(scenario: Scenario, labels: list[str]) -> dict[str, dict[str,
 
 
 def bench_raw(scenario: Scenario) -> dict[str, Any]:
-    """Run genserve's engine in-process; raises ModuleNotFoundError when loadtest.raw_ar is absent."""
-    raw_ar = importlib.import_module("loadtest.raw_ar")
+    """Run genserve's engine in-process; raises ModuleNotFoundError when loadtest.benchmarks.raw_ar is absent."""
+    raw_ar = importlib.import_module("loadtest.benchmarks.raw_ar")
     if scenario.threads:
         import torch
 
@@ -278,7 +278,7 @@ def environment_description() -> dict[str, Any]:
 
 def ensure_bench_model(model_path: Path) -> None:
     if not (model_path / "config.json").is_file():
-        from loadtest.make_bench_model import build_bench_model
+        from loadtest.benchmarks.make_bench_model import build_bench_model
 
         build_bench_model(model_path)
 

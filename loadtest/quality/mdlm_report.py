@@ -1,6 +1,6 @@
 """Plot the masked-diffusion text model's training curve and word-list share vs steps (one small PNG).
 
-    .venv/bin/python -m loadtest.mdlm_report --training models/tiny-shakespeare-mdlm/training.json \
+    .venv/bin/python -m loadtest.quality.mdlm_report --training models/tiny-shakespeare-mdlm/training.json \
         --quality docs/mdlm_quality.json --out docs/mdlm_training.png
 """
 

@@ -15,12 +15,12 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 step() { echo "== $1"; shift; "$@" 2>&1 | tee "$OUT/$LOG" | tail -"$TAIL"; }
 LOG=pytest_all.log TAIL=6 step "all tests (servers use --device auto = cuda)" \
   timeout 300 python3 -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests}
-python3 -m loadtest.make_bench_model > /dev/null 2>&1
+python3 -m loadtest.benchmarks.make_bench_model > /dev/null 2>&1
 LOG=bench_ar.log TAIL=12 step "AR benchmark on cuda" \
-  timeout 150 python3 -m loadtest.bench_ar --systems genserve,raw --device cuda --threads 0 --requests 320 \
+  timeout 150 python3 -m loadtest.benchmarks.bench_ar --systems genserve,raw --device cuda --threads 0 --requests 320 \
   --repeats 2 --json-out "$OUT/bench_ar_cuda.json"
 LOG=bench_diffusion.log TAIL=14 step "diffusion benchmark on cuda" \
-  timeout 200 python3 -m loadtest.bench_diffusion --device cuda --threads 0 --repeats 2 \
+  timeout 200 python3 -m loadtest.benchmarks.bench_diffusion --device cuda --threads 0 --repeats 2 \
   --json-out "$OUT/bench_diffusion_cuda.json"
 LOG=bench_mixed.log TAIL=8 step "AR latency beside a diffusion batch, cuda" \
-  timeout 120 python3 -m loadtest.bench_mixed --device cuda --json-out "$OUT/bench_mixed_cuda.json"
+  timeout 120 python3 -m loadtest.benchmarks.bench_mixed --device cuda --json-out "$OUT/bench_mixed_cuda.json"

@@ -1,7 +1,7 @@
 """Diffusion throughput: one ~1 M-parameter class-conditional UNet (16x16x1), served three ways, in one run.
 
-  serial   a plain diffusers pipeline behind FastAPI, one request at a time (``loadtest/diffusers_serve.py``),
-           driven over HTTP by ``loadtest/diffusion_load.py``
+  serial   a plain diffusers pipeline behind FastAPI, one request at a time (``loadtest/benchmarks/diffusers_serve.py``),
+           driven over HTTP by ``loadtest/clients/diffusion_load.py``
   raw      the raw batched-UNet limit: a plain loop that keeps ``concurrency`` rows in one batch
            (UNet forward with per-row timesteps + the vectorized DDPM update), no engine, no HTTP
   engine   genserve's DiffusionEngine stepped directly in-process, ``concurrency`` requests in flight
@@ -14,8 +14,8 @@ Prints one table and the ratios served/raw, served/serial, raw/serial; writes JS
 (default docs/bench_diffusion.json).
 
 Usage:
-  python -m loadtest.bench_diffusion
-  python -m loadtest.bench_diffusion --requests 64 --systems raw,served
+  python -m loadtest.benchmarks.bench_diffusion
+  python -m loadtest.benchmarks.bench_diffusion --requests 64 --systems raw,served
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from loadtest.diffusion_load import DIGIT_LABELS, ImageRequest, percentile, request_plan, run_image_load
-from loadtest.hf_serve import RunningServer, find_free_port, managed_server
+from loadtest.clients.diffusion_load import DIGIT_LABELS, ImageRequest, percentile, request_plan, run_image_load
+from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server
 
 SYSTEMS = ("serial", "raw", "engine", "served")
 MODEL_NAME = "digits"
@@ -103,7 +103,7 @@ def server_environment(scenario: Scenario) -> dict[str, str]:
 
 def bench_serial(scenario: Scenario) -> dict[str, Any]:
     port = find_free_port()
-    command = [sys.executable, "-m", "loadtest.diffusers_serve", "--model-path", str(scenario.model_path.resolve()),
+    command = [sys.executable, "-m", "loadtest.benchmarks.diffusers_serve", "--model-path", str(scenario.model_path.resolve()),
                "--port", str(port), "--threads", str(scenario.threads), "--device", scenario.device]
     with managed_server(command, "/ready", port, MODEL_NAME, scenario.startup_timeout_s,
                         LOG_DIR / "diffusers-serial.log", server_environment(scenario)) as server:

@@ -1,10 +1,10 @@
 """Diffusion text: genserve served over HTTP vs the raw batched loop of the same forwards, in one run.
 
 16 concurrent requests (refilled as they finish) with step counts cycling 8, 16, 32, 64, 64 tokens each.
-The raw loop (``loadtest/text_diffusion_raw.py``) steps the batched denoiser directly, on the same
+The raw loop (``loadtest/benchmarks/text_diffusion_raw.py``) steps the batched denoiser directly, on the same
 number of CPU threads as the served engine core gets. Target: served >= 0.9 of raw.
 
-    .venv/bin/python -m loadtest.bench_text_diffusion [--model models/tiny-shakespeare-mdlm] [--requests 48]
+    .venv/bin/python -m loadtest.benchmarks.bench_text_diffusion [--model models/tiny-shakespeare-mdlm] [--requests 48]
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 import httpx
 import torch
 
-from loadtest.hf_serve import find_free_port, managed_server
-from loadtest.text_diffusion_raw import DEFAULT_MODEL, DEFAULT_STEPS, run_raw
+from loadtest.benchmarks.hf_serve import find_free_port, managed_server
+from loadtest.benchmarks.text_diffusion_raw import DEFAULT_MODEL, DEFAULT_STEPS, run_raw
 from service.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "mdlm"
 
 

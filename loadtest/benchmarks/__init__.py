@@ -1,0 +1,1 @@
+"""Benchmarks, each against its baselines in the same run, and the baselines' servers."""

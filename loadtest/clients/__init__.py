@@ -1,0 +1,1 @@
+"""Load clients: the streaming load generator and its keep-alive HTTP client."""

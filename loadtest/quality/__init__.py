@@ -1,0 +1,1 @@
+"""Model-quality evaluations through the service, and the AR-vs-diffusion tradeoff."""
