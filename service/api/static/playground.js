@@ -106,10 +106,19 @@ async function generateText() {
     repetition_penalty: optionalNumber("ar-repetition-penalty"),
     seed: optionalNumber("ar-seed"),
   };
+  const selected = models.find((candidate) => candidate.name === body.model);
+  const byDiffusion = selected && selected.paradigm === "diffusion";
+  if (byDiffusion) {  // text by masked diffusion: steps, no repetition penalty; progress shows the text crystallising
+    delete body.repetition_penalty;
+    body.steps = optionalNumber("ar-steps");
+  }
   let tokens = 0;
   const started = performance.now();
   await streamGenerate(body, (event) => {
-    if (event.event === "token") {
+    if (event.event === "progress" && event.data.text !== undefined) {
+      output.textContent = event.data.text;
+      $("ar-status").textContent = `step ${event.data.step} / ${event.data.steps}`;
+    } else if (event.event === "token") {
       output.textContent += event.data.text;
       tokens += event.data.token_ids.length;
       $("ar-status").textContent = `${tokens} tokens`;
@@ -117,7 +126,8 @@ async function generateText() {
       output.textContent = event.data.text;
       const seconds = (performance.now() - started) / 1000;
       $("ar-status").textContent = `done: ${event.data.finish_reason}, ${event.data.usage.completion_tokens} tokens ` +
-        `in ${seconds.toFixed(2)} s (ttft ${(event.data.timings.ttft_s * 1000).toFixed(1)} ms)`;
+        `in ${seconds.toFixed(2)} s` + (event.data.timings.ttft_s === null ? ` (${event.data.steps} steps)` :
+        ` (ttft ${(event.data.timings.ttft_s * 1000).toFixed(1)} ms)`);
     }
   });
   if ($("ar-status").textContent === "streaming...") $("ar-status").textContent = "stopped";
@@ -177,9 +187,11 @@ async function generateImage() {
 function selectModel() {
   const model = models.find((candidate) => candidate.name === $("model").value);
   const paradigm = model ? model.paradigm : "";
-  $("paradigm").textContent = paradigm;
-  $("ar-panel").hidden = paradigm !== "autoregressive";
-  $("diffusion-panel").hidden = paradigm !== "diffusion";
+  const writesText = model ? model.modality === "text" : false;  // AR, or text by masked diffusion
+  $("paradigm").textContent = writesText && paradigm === "diffusion" ? "diffusion (text)" : paradigm;
+  $("ar-panel").hidden = !writesText;
+  $("ar-steps-label").hidden = paradigm !== "diffusion";
+  $("diffusion-panel").hidden = paradigm !== "diffusion" || writesText;
 }
 
 async function loadModels() {
