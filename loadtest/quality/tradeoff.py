@@ -58,6 +58,12 @@ def word_share(texts: list[str], dictionary: set[str]) -> float:
     return sum(word in dictionary for word in words) / len(words) if words else 0.0
 
 
+def distinct_share(texts: list[str]) -> float:
+    """Distinct words over words, per sample, averaged: low when a sample repeats itself ("sir, sir, sir")."""
+    shares = [len(set(words)) / len(words) for words in (words_of(text) for text in texts) if words]
+    return sum(shares) / len(shares) if shares else 0.0
+
+
 def latency_vs_length(client: httpx.Client, lengths: list[int], diffusion_steps: list[int],
                       repeats: int) -> list[dict[str, Any]]:
     rows = []
@@ -103,12 +109,14 @@ def quality_vs_steps(client: httpx.Client, steps_list: list[int], samples: int, 
     for steps in steps_list:
         texts = [post(client, {"model": TEXT_DIFFUSION_MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
                                "steps": steps, "seed": i})[1]["text"] for i in range(samples)]
-        rows.append({"steps": steps, "word_share": word_share(texts, dictionary)})
+        rows.append({"steps": steps, "word_share": word_share(texts, dictionary), "distinct_share": distinct_share(texts)})
         examples[f"diffusion, {steps} steps"] = texts[0]
         print(f"quality {rows[-1]}", flush=True)
     ar_texts = [post(client, {"model": AR_MODEL, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
                               "temperature": 0.8, "seed": i})[1]["text"] for i in range(samples)]
     examples["autoregressive"] = ar_texts[0]
+    rows.append({"steps": "autoregressive", "word_share": word_share(ar_texts, dictionary),
+                 "distinct_share": distinct_share(ar_texts)})
     return rows, word_share(ar_texts, dictionary), examples
 
 
@@ -137,19 +145,26 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[str]:
             axis.plot(lengths, [row[key] for row in result["latency"]], "s--",
                       label=f"diffusion, {key.split('_')[1]} steps")
     axis.set(xlabel="output tokens", ylabel="latency (s)", xscale="log", yscale="log", title="latency vs length")
+    axis.set_xticks(lengths, [str(length) for length in lengths])
+    axis.minorticks_off()
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out_dir / "tradeoff_latency.png")
     files.append("tradeoff_latency.png")
 
     figure, left = plt.subplots(figsize=(5, 3.2), dpi=90)
-    steps = [row["steps"] for row in result["quality"]]
-    left.plot(steps, [row["word_share"] for row in result["quality"]], "s-", label="diffusion text: word share")
+    diffusion_rows = [row for row in result["quality"] if row["steps"] != "autoregressive"]
+    steps = [row["steps"] for row in diffusion_rows]
+    left.plot(steps, [row["word_share"] for row in diffusion_rows], "s-", label="diffusion text: word share")
+    left.plot(steps, [row["distinct_share"] for row in diffusion_rows], "s:", color="C1", alpha=0.6,
+              label="diffusion text: distinct-word share")
     left.axhline(result["ar_word_share"], color="C0", linestyle=":", label="autoregressive: word share")
     if result.get("digits"):
         left.plot([row["steps"] for row in result["digits"]], [row["accuracy"] for row in result["digits"]], "^-",
                   color="C2", label="digits: accuracy")
     left.set(xlabel="denoising steps", ylabel="share", xscale="log", ylim=(0, 1.05), title="quality vs steps")
+    left.set_xticks(steps, [str(step) for step in steps])
+    left.minorticks_off()
     left.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(out_dir / "tradeoff_quality.png")
@@ -183,8 +198,9 @@ def report(result: dict[str, Any]) -> str:
                  + ", ".join(f"{key.split('_')[1]} steps {longest[key]:.2f} s" for key in diffusion_keys) + " |")
     lines.append("| parallelism within a sample | none: token t needs token t-1 | every step predicts all "
                  f"{longest['tokens']} positions in one forward |")
+    diffusion_rows = [row for row in result["quality"] if row["steps"] != "autoregressive"]
     lines.append(f"| quality scaling | fixed by the model: word share {result['ar_word_share']:.3f} | grows with "
-                 "steps: " + ", ".join(f"{row['steps']}: {row['word_share']:.3f}" for row in result["quality"]) + " |")
+                 "steps: " + ", ".join(f"{row['steps']}: {row['word_share']:.3f}" for row in diffusion_rows) + " |")
     lines.append(f"| likelihood | exact: {likelihood['autoregressive_bits_per_char']:.3f} bits/char | a bound "
                  f"(ELBO): <= {likelihood['diffusion_elbo_bits_per_char']:.3f} bits/char |")
     lines += ["", "An ELBO is a bound, a perplexity is exact. The AR figure is the model's exact negative "
@@ -203,9 +219,10 @@ def report(result: dict[str, Any]) -> str:
     lines += ["", "## Quality vs steps", "", "![quality](tradeoff_quality.png)", "",
               f"{result['quality_tokens']}-token samples, {result['quality_samples']} per step count, prompts "
               f"{', '.join(PROMPTS)}; word share = generated words found in `models/tiny-shakespeare/words.txt`.", "",
-              "| steps | diffusion word share |", "|---|---|"]
-    lines += [f"| {row['steps']} | {row['word_share']:.3f} |" for row in result["quality"]]
-    lines += [f"| autoregressive | {result['ar_word_share']:.3f} |"]
+              "Distinct share = distinct words over words per sample: a sample that repeats itself (\"Ay, sir, sir, sir, "
+              "my lord\") scores high on word share and low here; low-confidence remasking at many steps does that.", "",
+              "| steps | word share | distinct-word share |", "|---|---|---|"]
+    lines += [f"| {row['steps']} | {row['word_share']:.3f} | {row['distinct_share']:.3f} |" for row in result["quality"]]
     if result.get("digits"):
         lines += ["", "Digits (`tiny-digits`, DDIM, guidance 1.25), classifier accuracy vs steps:", "",
                   "| steps | accuracy | s/image |", "|---|---|---|"]
@@ -235,7 +252,8 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--serve", action="store_true", help="start a server on the bundled models")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs")
-    parser.add_argument("--lengths", default="16,32,64,128,256")
+    parser.add_argument("--lengths", default="16,32,64,128,240",
+                        help="output tokens; the diffusion model's 256 positions hold the prompt, its context token and these")
     parser.add_argument("--diffusion-steps", default="16,64")
     parser.add_argument("--quality-steps", default="4,8,16,32,64")
     parser.add_argument("--quality-samples", type=int, default=16)
