@@ -171,7 +171,6 @@ class EngineClient:
         self.load_error: str | None = None
         self.state = CoreState.LOADING
         self.state_detail = ""
-        self.ready = asyncio.Event()
         self.restarts = 0
         self.last_heartbeat: Heartbeat | None = None
         self._last_heartbeat_at = 0.0
@@ -200,10 +199,6 @@ class EngineClient:
     def core_pid(self) -> int | None:
         """The current engine-core process's pid (None before it starts)."""
         return None if self._core is None else self._core.pid
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
 
     @property
     def healthy(self) -> bool:
@@ -239,7 +234,6 @@ class EngineClient:
     def _declare_stuck(self, reason: str) -> None:
         logger.error("engine core declared stuck: %s; restarting it", reason)
         self.state, self.state_detail = CoreState.STUCK, reason
-        self.ready.clear()
         self._fail_everything(f"the engine core stopped responding ({reason}); retry later")
         assert self._core is not None
         self._core.kill()  # its reader then sees EOF, and _core_exited restarts it
@@ -255,7 +249,6 @@ class EngineClient:
             self._fail_everything(self.load_error)
             return
         self._fail_everything("the engine core process exited; retry later")
-        self.ready.clear()
         if self.restarts >= self.settings.max_core_restarts:
             logger.critical("engine core failed %d times; exiting so that the process supervisor restarts us",
                             self.restarts + 1)
@@ -355,7 +348,6 @@ class EngineClient:
                 self.last_heartbeat = None
                 if self.state is not CoreState.STOPPED:
                     self.state, self.state_detail = CoreState.READY, ""
-                    self.ready.set()
                     if self.restarts:
                         logger.warning("engine core is back after restart %d", self.restarts)
             case CoreFailed(message=text):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tokenizers import AddedToken, Tokenizer
 
 from service.text_diffusion.denoiser import (MASK_PLACEHOLDER, DenoiseJob, denoise_step, final_token_ids, render_text,
