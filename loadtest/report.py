@@ -298,9 +298,10 @@ def make_plots(plan: Plan, out: Path) -> list[str]:
     if ar_rows or diffusion_rows:
         figure, axes = plt.subplots(1, 2, figsize=(8, 3))
         for rows, style, label in ((ar_rows, "o-", "alone"), (mixed, "s--", "mixed")):
-            if rows and "ar" in rows[0]["client"]:
+            if rows:
                 axes[0].plot(*series(rows, "concurrency", "ar", "output_tok_s"), style, label=label)
-            if rows and "diffusion" in rows[0]["client"]:
+        for rows, style, label in ((diffusion_rows, "o-", "alone"), (mixed, "s--", "mixed")):
+            if rows:
                 axes[1].plot(*series(rows, "concurrency", "diffusion", "images_per_s"), style, label=label)
         axes[0].set(title="AR throughput", xlabel="clients", ylabel="output tok/s")
         axes[1].set(title="Diffusion throughput", xlabel="clients", ylabel="images/s")
@@ -387,11 +388,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", default=None, help="comma list of diffusion prompts to cycle (default: the "
                         "model's class labels from /models, else the empty prompt)")
     parser.add_argument("--warmup", type=int, default=8, help="unmeasured requests of each paradigm first")
+    parser.add_argument("--render-only", type=Path, default=None,
+                        help="re-write README.md and the plots from this report.json (no load; give the same "
+                             "scenario flags as the run that wrote it)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.render_only is not None:
+        saved = json.loads(args.render_only.read_text())
+        plan = Plan(url=saved["url"], ar_model=saved["ar_model"], diffusion_model=saved["diffusion_model"],
+                    concurrencies=int_list(args.concurrency), max_tokens=args.max_tokens, prompt_len=args.prompt_len,
+                    steps=args.steps, output_lengths=int_list(args.output_lengths),
+                    step_counts=int_list(args.step_counts), sweep_concurrency=args.sweep_concurrency,
+                    requests_per_client=args.requests_per_client, prompts=(), rows=saved["rows"])
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_markdown(plan, saved, args.out, make_plots(plan, args.out))
+        print(f"re-rendered {args.out / 'README.md'}")
+        return
     models = discover_models(args.url)
     diffusion_model = first_of(models, DIFFUSION) if args.diffusion_model is None else args.diffusion_model or None
     labels = models.get(diffusion_model or "", {}).get("labels") or [""]
@@ -419,7 +434,9 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python -m loadtest.report " + " ".join(argv if argv is not None else sys.argv[1:])}
     plots = make_plots(plan, args.out)
     write_markdown(plan, meta, args.out, plots)
-    (args.out / "report.json").write_text(json.dumps({**meta, "rows": plan.rows}, indent=1) + "\n")
+    saved = {**meta, "url": plan.url, "ar_model": plan.ar_model, "diffusion_model": plan.diffusion_model,
+             "rows": plan.rows}
+    (args.out / "report.json").write_text(json.dumps(saved, indent=1) + "\n")
     print(f"wrote {args.out / 'README.md'}, report.json and {', '.join(plots)}")
 
 
