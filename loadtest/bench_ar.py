@@ -81,7 +81,10 @@ class Scenario:
 
 
 def server_environment(scenario: Scenario) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(scenario.threads)} if scenario.threads else {}
+    """The peer's environment: its thread count, and the passive OpenMP waits genserve's core uses too
+    (spinning waiters beside the load generator's core cost the peer up to 10x; see engine_core.py)."""
+    threads = {"OMP_NUM_THREADS": str(scenario.threads)} if scenario.threads else {}
+    return {"OMP_WAIT_POLICY": "PASSIVE", **threads}
 
 
 def usable_cpu_count() -> int:
@@ -440,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the matmul limit waits as genserve's core does
     scenario, systems, json_out = parse_args(argv)
     ensure_bench_model(scenario.model_path, scenario.shape)
     by_system: dict[str, dict[int, dict[str, Any]]] = {}

@@ -37,7 +37,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+# raw and engine run in this process: wait in OpenMP as genserve's engine core does (engine_core.py);
+# libgomp reads this when torch loads, just below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from loadtest.diffusion_load import DIGIT_LABELS, ImageRequest, percentile, request_plan, run_image_load
 from loadtest.hf_serve import RunningServer, find_free_port, managed_server
