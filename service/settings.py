@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service import cpu_quota
@@ -41,6 +42,56 @@ def _usable_cpus() -> set[int]:
     return cpu_quota.affinity_cpus()
 
 
+PinSetting = Literal["auto", "true", "false"]
+# Model work per batch row and step (one token of an AR sequence, one latent of a denoise step) above
+# which a CPU engine is compute bound. Host work per row (sampling, detokenizing, one SSE event in the
+# front end) costs about 0.1-0.2 ms; 50 MFLOP is 0.3-0.6 ms of one core's matmul throughput, so above
+# it a second compute core gains more than the front end's own core would. Measured on the benchmark
+# models: 5 M-parameter Llama ~8 MFLOP/token (pinned wins), 1.1 M-parameter 16x16 UNet ~123 MFLOP/row
+# and 108 M-parameter Llama ~210 MFLOP/token (all cores win).
+COMPUTE_BOUND_FLOPS_PER_ROW = 50e6
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """How the engine core uses the CPU: ``pinned`` = only the first ``engine_cpus`` usable CPUs (the
+    rest are the front end's), else all of them; ``threads`` = torch intra-op threads."""
+
+    engine_cpus: int
+    pinned: bool
+    threads: int
+    compute_bound: bool
+
+
+def plan_cpu_use(usable_cpus: int, flops_per_row: float | None, cpu_threads: int = 0,
+                 pin_cpus: PinSetting = "auto") -> CpuPlan:
+    """The engine core's CPU policy. ``flops_per_row`` is the model work per batch row measured at
+    warm-up (None before it: treated as small). Small models are bound by Python overhead: the core
+    keeps to all CPUs but the last, which the HTTP front end needs. Compute-bound models get every CPU.
+    ``cpu_threads`` (> 0) and ``pin_cpus`` ("true"/"false") override the automatic choice."""
+    usable_cpus = max(1, usable_cpus)
+    compute_bound = flops_per_row is not None and flops_per_row >= COMPUTE_BOUND_FLOPS_PER_ROW
+    pinned = usable_cpus >= 2 and (pin_cpus == "true" or (pin_cpus == "auto" and not compute_bound))
+    engine_cpus = usable_cpus - 1 if pinned else usable_cpus
+    automatic_threads = usable_cpus if compute_bound else max(1, usable_cpus - 1)
+    threads = cpu_threads or min(engine_cpus, automatic_threads)
+    return CpuPlan(engine_cpus=engine_cpus, pinned=pinned, threads=threads, compute_bound=compute_bound)
+
+
+def cpu_supports_bfloat16() -> bool:
+    """Whether this CPU has native bf16 matmul instructions (AVX512-BF16 or AMX-BF16); without them
+    bf16 on CPU is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENSERVE_", extra="ignore")
 
@@ -48,15 +99,19 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="weights/activations dtype; auto = bfloat16 on cuda, float32 on cpu"
+        "auto", description="weights/activations dtype; auto = bfloat16 on cuda; on cpu bfloat16 for "
+                            "autoregressive models when the CPU has AVX512-BF16/AMX-BF16, else float32; diffusion "
+                            "models stay float32 on cpu (bf16 breaks their 2/255 parity with diffusers)"
     )
     models: Annotated[dict[str, Path], NoDecode] = Field(
         default_factory=default_models,
         description="NAME=PATH,... ; the paradigm is detected from the folder (repeatable flag --model NAME=PATH)",
     )
-    cpu_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = one per core, minus one for the HTTP side")
-    pin_cpus: bool = Field(True, description="on a CPU device with 2+ cores, pin the engine core to all cores but "
-                                             "the last and the HTTP front end to the last")
+    cpu_threads: int = Field(0, ge=0, description="torch CPU threads of the engine core; 0 = auto (one per core "
+                             "for compute-bound models, else one per core minus the HTTP side's)")
+    pin_cpus: PinSetting = Field("auto", description="on a CPU device with 2+ cores: true = pin the engine core "
+                                 "to all cores but the last (the HTTP front end's); false = pin nothing; auto = "
+                                 "pin unless the model is compute bound (measured at warm-up)")
     # Sharing one device (runtime/worker.py): steps each engine runs per round-robin cycle while busy
     ar_steps_per_cycle: int = Field(1, ge=1, description="AR steps per device-loop cycle")
     diffusion_steps_per_cycle: int = Field(1, ge=1, description="diffusion steps per device-loop cycle")
@@ -126,6 +181,11 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(False, description="/metrics needs an API key too")
     enable_docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    # The CPUs this process may use when the settings are made (in the front end, before any pinning);
+    # pickled with the settings, so a restarted engine core still knows the whole set.
+    _usable_cpu_ids: frozenset[int] = PrivateAttr(default_factory=lambda: frozenset(_usable_cpus()))
+    # how many of them this process may keep busy: the affinity, capped by a container's cgroup CPU quota
+    _usable_cpu_count: int = PrivateAttr(default_factory=cpu_quota.usable_cpu_count)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -161,17 +221,28 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def cpu_plan(self, flops_per_row: float | None) -> CpuPlan:
+        return plan_cpu_use(min(len(self._usable_cpu_ids), self._usable_cpu_count), flops_per_row, self.cpu_threads,
+                            self.pin_cpus)
+
     def resolved_cpu_threads(self) -> int:
-        return self.cpu_threads or max(1, cpu_quota.usable_cpu_count() - 1)
+        """Threads before the model's cost is known (loading and the first warm-up)."""
+        return self.cpu_plan(None).threads
+
+    def engine_cpus(self, plan: CpuPlan) -> set[int]:
+        return set(sorted(self._usable_cpu_ids)[:plan.engine_cpus])
 
     def cpu_split(self) -> tuple[set[int], set[int]] | None:
-        """(engine-core cpus, front-end cpus) when pinning applies, else None."""
-        cpus = sorted(_usable_cpus())
-        if not self.pin_cpus or len(cpus) < 2 or self.resolved_device() != "cpu":
+        """(engine-core cpus, front-end cpus) before the model's cost is known, when pinning may apply;
+        the front end keeps the last CPU even when a compute-bound engine core later takes all of them."""
+        cpus = sorted(self._usable_cpu_ids)
+        if self.pin_cpus == "false" or len(cpus) < 2 or self.resolved_device() != "cpu":
             return None
         return set(cpus[:-1]), {cpus[-1]}
 
-    def resolved_dtype(self) -> str:
+    def resolved_dtype(self, paradigm: Literal["autoregressive", "diffusion"] = "autoregressive") -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.resolved_device() == "cuda" else "float32"
+        if self.resolved_device() == "cuda":
+            return "bfloat16"
+        return "bfloat16" if paradigm == "autoregressive" and cpu_supports_bfloat16() else "float32"

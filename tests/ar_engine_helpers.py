@@ -20,10 +20,11 @@ ENGINE_DEFAULTS = {"max_batch_size": 32, "kv_cache_tokens": 4096, "block_size": 
                    "enable_prefix_caching": True, "max_model_len": 4096}
 
 
-def make_engine(path: Path, max_queue: int = 256, **overrides: int | bool) -> EngineDriver:
-    loaded = load_causal_lm(path, CPU, torch.float32)
+def make_engine(path: Path, max_queue: int = 256, dtype: torch.dtype = torch.float32,
+                **overrides: int | bool) -> EngineDriver:
+    loaded = load_causal_lm(path, CPU, dtype)
     config = AREngineConfig(**{**ENGINE_DEFAULTS, **overrides})  # type: ignore[arg-type]
-    return EngineDriver(AREngine("test", loaded, config, CPU, torch.float32), max_queue)
+    return EngineDriver(AREngine("test", loaded, config, CPU, dtype), max_queue)
 
 
 def ids_request(prompt_ids: list[int], params: SamplingParams) -> TextRequest:

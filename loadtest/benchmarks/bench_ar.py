@@ -1,18 +1,22 @@
-"""Autoregressive throughput/latency baseline: the same bench model behind three systems, in one run.
+"""Autoregressive throughput/latency baseline: the same bench model behind several systems, in one run.
 
-  transformers-serve        `transformers serve --continuous-batching` + the load generator (OpenAI chat API)
-  genserve                  `python -m service --model bench=PATH ...` + the load generator (/generate API)
-  genserve-v1-completions   the same genserve server, streamed through its OpenAI /v1/completions API
-  raw                       genserve's engine in-process, no HTTP (`loadtest.benchmarks.raw_ar.run_raw`)
+  transformers-serve  `transformers serve --continuous-batching` in the same dtype + the load generator
+  genserve            `python -m service --model bench=PATH ...` with default CPU settings (/generate API)
+  genserve-pinned     the same with `--pin-cpus true --cpu-threads N-1` (engine core off the front end's core)
+  genserve-all-cores  the same with `--pin-cpus false --cpu-threads N`
+  raw                 genserve's engine in-process, no HTTP (`loadtest.benchmarks.raw_ar.run_raw`)
+  matmul-limit        tokens/s if a step cost only its matmuls: plain `F.linear` over the model's weight
+                      shapes at batch = concurrency, same dtype, all cores (the ratio genserve/matmul-limit
+                      = tokens/s x 2 x linear parameters / measured FLOP/s)
 
-Each system runs alone (servers are stopped before the next starts), with unmeasured warmup requests
-first; the two genserve APIs share one server and alternate run by run, so both see the same machine.
-Prints one table and the throughput ratios, and writes JSON (default docs/bench_ar.json).
+Each system runs alone (servers are stopped before the next starts), once per concurrency, with unmeasured
+warmup requests first. Prints one table per concurrency and the throughput ratios, and writes JSON
+(default docs/bench_ar.json; --shape 108m: docs/bench_ar_108m.json).
 
 Usage:
-  python -m loadtest.benchmarks.bench_ar                                   # all systems, 32 x 64 tokens, 96 requests
+  python -m loadtest.benchmarks.bench_ar                                   # all systems, 5 M model, 32 x 64 tokens
+  python -m loadtest.benchmarks.bench_ar --shape 108m --concurrency 16,32 --requests 64
   python -m loadtest.benchmarks.bench_ar --systems transformers-serve --concurrency 8 --requests 16
-  python -m loadtest.benchmarks.bench_ar --systems genserve,genserve-v1-completions   # /v1/completions vs /generate
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -28,26 +33,28 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server, transformers_serve
 from loadtest.clients.loadgen import ApiKind, LoadResult, build_prompt, run_load
+from loadtest.benchmarks.make_bench_model import DEFAULT_SHAPE_DIRS
 
-SYSTEMS = ("transformers-serve", "genserve", "genserve-v1-completions", "raw")
-# genserve systems: one server, one API each
-GENSERVE_APIS: dict[str, ApiKind] = {"genserve": "genserve", "genserve-v1-completions": "openai-completions"}
+SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "raw", "matmul-limit")
+DEFAULT_SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "matmul-limit")
 GENSERVE_MODEL_NAME = "bench"
-DEFAULT_MODEL_PATH = Path(".bench/tiny-llama-5m")
-DEFAULT_JSON_OUT = Path("docs/bench_ar.json")
+DEFAULT_JSON_OUT = {"5m": Path("docs/bench_ar.json"), "108m": Path("docs/bench_ar_108m.json")}
 LOG_DIR = Path(".bench/logs")
 
 
 @dataclass
 class Scenario:
     model_path: Path
+    shape: str
+    dtype: str  # resolved: what genserve's --dtype auto picks here, passed to transformers serve too
+    concurrencies: list[int]
     concurrency: int
     requests: int
     max_tokens: int
@@ -61,6 +68,12 @@ class Scenario:
     startup_timeout_s: float
     repeats: int
 
+    def requests_for(self, concurrency: int) -> int:
+        return self.requests or 3 * concurrency
+
+    def warmup_for(self, concurrency: int) -> int:
+        return concurrency if self.warmup_requests < 0 else self.warmup_requests
+
     @property
     def requests_per_repeat(self) -> int:
         """Request numbers one repeat uses (measured + warmup), so repeats never reuse a prompt."""
@@ -68,7 +81,14 @@ class Scenario:
 
 
 def server_environment(scenario: Scenario) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(scenario.threads)} if scenario.threads else {}
+    """The peer's environment: its thread count, and the passive OpenMP waits genserve's core uses too
+    (spinning waiters beside the load generator's core cost the peer up to 10x; see engine_core.py)."""
+    threads = {"OMP_NUM_THREADS": str(scenario.threads)} if scenario.threads else {}
+    return {"OMP_WAIT_POLICY": "PASSIVE", **threads}
+
+
+def usable_cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,67 +136,127 @@ async def load_server(server: RunningServer, scenario: Scenario, api: ApiKind, l
     return median_run([run.to_dict() for run in runs])
 
 
-def bench_transformers_serve(scenario: Scenario) -> dict[str, Any]:
+def at_each_concurrency(scenario: Scenario, server: RunningServer, api: ApiKind, label: str) -> dict[int, dict]:
+    results: dict[int, dict[str, Any]] = {}
+    with load_generator_on_last_core():
+        for concurrency in scenario.concurrencies:
+            measured = replace(scenario, concurrency=concurrency, warmup_requests=scenario.warmup_for(concurrency),
+                               requests=scenario.requests_for(concurrency))
+            results[concurrency] = asyncio.run(load_server(server, measured, api, label))
+            print(f"   {label} @ {concurrency}: {results[concurrency]['output_tok_s']:.1f} tok/s", flush=True)
+    return results
+
+
+def bench_transformers_serve(scenario: Scenario) -> dict[int, dict[str, Any]]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     with transformers_serve(
         scenario.model_path,
         device=scenario.device,
+        dtype=scenario.dtype,
         startup_timeout_s=scenario.startup_timeout_s,
         log_path=LOG_DIR / "transformers-serve.log",
         environment=server_environment(scenario),
         extra_args=scenario.hf_cb_args,
     ) as server:
-        with load_generator_on_last_core():
-            return asyncio.run(load_server(server, scenario, "openai", "transformers-serve"))
+        return at_each_concurrency(scenario, server, "openai", "transformers-serve")
 
 
-def genserve_command(scenario: Scenario, port: int) -> list[str]:
+# genserve variant -> extra flags (the default variant passes none: what a user gets without tuning)
+GENSERVE_VARIANTS: dict[str, Callable[[int], list[str]]] = {
+    "genserve": lambda cpus: [],
+    "genserve-pinned": lambda cpus: ["--pin-cpus", "true", "--cpu-threads", str(max(1, cpus - 1))],
+    "genserve-all-cores": lambda cpus: ["--pin-cpus", "false", "--cpu-threads", str(cpus)],
+}
+
+
+def genserve_command(scenario: Scenario, port: int, variant: str = "genserve") -> list[str]:
     return [
         sys.executable, "-m", "service",
         "--model", f"{GENSERVE_MODEL_NAME}={scenario.model_path.resolve()}",
         "--port", str(port),
         "--max-batch-size", str(scenario.genserve_max_batch_size),
         "--device", scenario.device,
+        *GENSERVE_VARIANTS[variant](usable_cpu_count()),
     ]  # fmt: skip
 
 
-async def load_genserve_apis(server: RunningServer, scenario: Scenario, labels: list[str]) -> dict[str, dict[str, Any]]:
-    """Each API warms up once, then the APIs take turns, `scenario.repeats` runs each; the median per API.
-    Every run gets its own range of request numbers, so no run reuses another's prompts."""
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
-    for repeat in range(scenario.repeats):
-        for position, label in enumerate(labels):
-            result = await run_load(
-                url=server.base_url,
-                api=GENSERVE_APIS[label],
-                concurrency=scenario.concurrency,
-                requests=scenario.requests,
-                max_tokens=scenario.max_tokens,
-                prompt_len=scenario.prompt_len,
-                model=server.model_id,
-                temperature=scenario.temperature,
-                warmup_requests=scenario.warmup_requests if repeat == 0 else 0,
-                label=label,
-                first_request_index=(repeat * len(labels) + position) * scenario.requests_per_repeat,
-            )
-            runs[label].append(result.to_dict())
-    return {label: median_run(label_runs) for label, label_runs in runs.items()}
-
-
-def bench_genserve(scenario: Scenario, labels: list[str]) -> dict[str, dict[str, Any]]:
+def bench_genserve(scenario: Scenario, variant: str = "genserve") -> dict[int, dict[str, Any]]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     port = find_free_port()
     with managed_server(
-        genserve_command(scenario, port),
+        genserve_command(scenario, port, variant),
         "/ready",
         port,
         GENSERVE_MODEL_NAME,
         scenario.startup_timeout_s,
-        LOG_DIR / "genserve.log",
-        server_environment(scenario),
+        LOG_DIR / f"{variant}.log",
+        {},  # genserve sets its own threads (the policy under test); OMP_NUM_THREADS would not change them
     ) as server:
-        with load_generator_on_last_core():
-            return asyncio.run(load_genserve_apis(server, scenario, labels))
+        return at_each_concurrency(scenario, server, "genserve", variant)
+
+
+def linear_weight_shapes(model_path: Path) -> list[tuple[int, int]]:
+    """(out, in) of every matmul one token goes through: q/k/v/o, gate/up/down per layer, and lm_head."""
+    config = json.loads((model_path / "config.json").read_text())
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    query = config["num_attention_heads"] * head_dim
+    layer = [(query, hidden), (kv, hidden), (kv, hidden), (hidden, query),
+             (intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+    return layer * config["num_hidden_layers"] + [(config["vocab_size"], hidden)]
+
+
+def measure_linear_flops(shapes: list[tuple[int, int]], batch: int, dtype: str, threads: int,
+                         min_seconds: float = 2.0) -> float:
+    """FLOP/s of plain ``F.linear`` over ``shapes`` (one decode step's weights) at ``batch`` rows."""
+    import torch
+    import torch.nn.functional as F
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, dtype)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator).to(torch_dtype) for shape in shapes]
+    inputs = {size: torch.randn(batch, size, generator=generator).to(torch_dtype) for _, size in shapes}
+    flops_per_pass = sum(2 * batch * out_size * in_size for out_size, in_size in shapes)
+    try:
+        with torch.inference_mode():
+            for weight in weights:  # warm up every shape's kernel
+                F.linear(inputs[weight.shape[1]], weight)
+            passes = 0
+            started = time.perf_counter()
+            while time.perf_counter() - started < min_seconds:
+                for weight in weights:
+                    F.linear(inputs[weight.shape[1]], weight)
+                passes += 1
+            elapsed = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous_threads)
+    return passes * flops_per_pass / elapsed
+
+
+def bench_matmul_limit(scenario: Scenario) -> dict[int, dict[str, Any]]:
+    shapes = linear_weight_shapes(scenario.model_path)
+    linear_parameters = sum(out_size * in_size for out_size, in_size in shapes)
+    threads = usable_cpu_count()
+    results: dict[int, dict[str, Any]] = {}
+    for concurrency in scenario.concurrencies:
+        flops = measure_linear_flops(shapes, concurrency, scenario.dtype, threads)
+        results[concurrency] = {
+            "label": "matmul-limit", "concurrency": concurrency, "dtype": scenario.dtype, "threads": threads,
+            "linear_parameters": linear_parameters, "linear_gflop_s": flops / 1e9,
+            "output_tok_s": flops / (2 * linear_parameters)}
+        print(f"   matmul-limit @ {concurrency}: {flops / 1e9:.1f} GFLOP/s -> "
+              f"{results[concurrency]['output_tok_s']:.1f} tok/s", flush=True)
+    return results
+
+
+def bench_raw_all(scenario: Scenario) -> dict[int, dict[str, Any]]:
+    return {concurrency: bench_raw(replace(scenario, concurrency=concurrency,
+                                           warmup_requests=scenario.warmup_for(concurrency),
+                                           requests=scenario.requests_for(concurrency)))
+            for concurrency in scenario.concurrencies}
 
 
 def bench_raw(scenario: Scenario) -> dict[str, Any]:
@@ -207,18 +287,20 @@ def bench_raw(scenario: Scenario) -> dict[str, Any]:
     return median_run(runs)
 
 
-BENCHMARKS = {"transformers-serve": bench_transformers_serve, "raw": bench_raw}
+BENCHMARKS: dict[str, Callable[[Scenario], dict[int, dict[str, Any]]]] = {
+    "transformers-serve": bench_transformers_serve,
+    **{variant: functools.partial(bench_genserve, variant=variant) for variant in GENSERVE_VARIANTS},
+    "raw": bench_raw_all,
+    "matmul-limit": bench_matmul_limit,
+}
 
 
-def run_systems(systems: list[str], scenario: Scenario) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
-    """One system, or the genserve systems together on one server: ({system: result}, None) or (None, reason)."""
-    print(f"== {', '.join(systems)} ...", flush=True)
+def run_system(system: str, scenario: Scenario) -> tuple[dict[int, dict[str, Any]] | None, str | None]:
+    """Return (result, None) or (None, reason it was skipped)."""
+    print(f"== {system} ...", flush=True)
     started = time.perf_counter()
     try:
-        if systems[0] in GENSERVE_APIS:
-            result = bench_genserve(scenario, systems)
-        else:
-            result = {systems[0]: BENCHMARKS[systems[0]](scenario)}
+        result = BENCHMARKS[system](scenario)
     except ModuleNotFoundError as exc:
         return None, f"module missing: {exc.name}"
     except Exception as exc:  # one failing system must not lose the others' results
@@ -240,10 +322,10 @@ def format_results_table(results: dict[str, dict[str, Any]]) -> str:
         ("ITL p50", "itl_ms_p50"), ("ITL p99", "itl_ms_p99"), ("e2e p50", "e2e_ms_p50"),
         ("e2e p99", "e2e_ms_p99"), ("errors", "errors"),
     ]  # fmt: skip
-    header = f"{'system':<26}" + "".join(f"{title:>13}" for title, _ in columns)
+    header = f"{'system':<20}" + "".join(f"{title:>13}" for title, _ in columns)
     lines = [header, "-" * len(header)]
     for system, result in results.items():
-        lines.append(f"{system:<26}" + "".join(f"{format_value(result.get(key)):>13}" for _, key in columns))
+        lines.append(f"{system:<20}" + "".join(f"{format_value(result.get(key)):>13}" for _, key in columns))
     lines.append("(latencies in ms; raw has no HTTP, so only throughput)")
     for system, result in results.items():
         repeats = result.get("repeat_output_tok_s") or []
@@ -253,16 +335,24 @@ def format_results_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """genserve (default settings) over each baseline, and over the best genserve variant."""
     ratios: dict[str, float] = {}
     genserve = results.get("genserve", {}).get("output_tok_s")
-    for baseline in ("transformers-serve", "raw"):
+    for baseline in ("transformers-serve", "raw", "matmul-limit"):
         baseline_tok_s = results.get(baseline, {}).get("output_tok_s")
         if genserve and baseline_tok_s:
             ratios[f"genserve/{baseline}"] = genserve / baseline_tok_s
-    completions = results.get("genserve-v1-completions", {}).get("output_tok_s")
-    if completions and genserve:
-        ratios["genserve-v1-completions/genserve"] = completions / genserve
+    variants = [results[name]["output_tok_s"] for name in GENSERVE_VARIANTS if name in results]
+    if genserve and len(variants) > 1:
+        ratios["genserve/best-genserve-setting"] = genserve / max(variants)
     return ratios
+
+
+def resolved_dtype(requested: str, device: str) -> str:
+    """What genserve's ``--dtype`` resolves to for an AR model here (the peer gets the same)."""
+    from service.settings import Settings
+
+    return Settings(models={}, device=device, dtype=requested).resolved_dtype("autoregressive")
 
 
 def environment_description() -> dict[str, Any]:
@@ -276,11 +366,11 @@ def environment_description() -> dict[str, Any]:
     return description
 
 
-def ensure_bench_model(model_path: Path) -> None:
+def ensure_bench_model(model_path: Path, shape: str = "5m") -> None:
     if not (model_path / "config.json").is_file():
         from loadtest.benchmarks.make_bench_model import build_bench_model
 
-        build_bench_model(model_path)
+        build_bench_model(model_path, shape=shape)
 
 
 def hf_cb_args(num_blocks: int, max_batch_tokens: int) -> list[str]:
@@ -294,10 +384,14 @@ def hf_cb_args(num_blocks: int, max_batch_tokens: int) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path]:
     parser = argparse.ArgumentParser(description="AR benchmark: transformers serve vs genserve vs raw engine.")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list from {','.join(SYSTEMS)}")
-    parser.add_argument("--model-path", type=Path, default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma list from {','.join(SYSTEMS)}")
+    parser.add_argument("--shape", choices=sorted(DEFAULT_SHAPE_DIRS), default="5m",
+                        help="bench model: 5m or the SmolLM-135M-shaped 108m (built when missing)")
+    parser.add_argument("--model-path", type=Path, default=None, help="default: the shape's .bench folder")
+    parser.add_argument("--dtype", default="auto", help="genserve's --dtype; the peer gets what it resolves to")
+    parser.add_argument("--concurrency", default="32", help="comma list, e.g. 16,32")
+    parser.add_argument("--requests", type=int, default=0,
+                        help="measured requests per run (default: 3 x concurrency)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=16, help="approximate prompt length in words")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -305,9 +399,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per system; the median is kept")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--threads", type=int, default=1, help="OMP/torch threads for every system (0: library default)"
-    )
-    parser.add_argument("--genserve-max-batch-size", type=int, default=32)
+        "--threads", type=int, default=0,
+        help="OMP/torch threads for transformers serve and raw (0: library default = all cores); genserve "
+        "variants set their own")
+    parser.add_argument("--genserve-max-batch-size", type=int, default=0, help="0: the largest concurrency")
     parser.add_argument(
         "--hf-cb-num-blocks", type=int, default=256,
         help="transformers serve KV blocks of 256 tokens (256 = genserve's 65536-token pool; 0: HF sizes it "
@@ -318,63 +413,68 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
         help="transformers serve tokens per step (512 = genserve's default; 0: HF default 8192)",
     )
     parser.add_argument("--startup-timeout", type=float, default=180.0)
-    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT)
+    parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    concurrencies = [int(value) for value in args.concurrency.split(",") if value.strip()]
     scenario = Scenario(
-        model_path=args.model_path,
-        concurrency=args.concurrency,
+        model_path=args.model_path or DEFAULT_SHAPE_DIRS[args.shape],
+        shape=args.shape,
+        dtype=resolved_dtype(args.dtype, args.device),
+        concurrencies=concurrencies,
+        concurrency=concurrencies[0],
         requests=args.requests,
         max_tokens=args.max_tokens,
         prompt_len=args.prompt_len,
         temperature=args.temperature,
-        warmup_requests=args.concurrency if args.warmup is None else args.warmup,
+        warmup_requests=-1 if args.warmup is None else args.warmup,
         device=args.device,
         threads=args.threads or None,
-        genserve_max_batch_size=args.genserve_max_batch_size,
+        genserve_max_batch_size=args.genserve_max_batch_size or max(concurrencies),
         hf_cb_args=hf_cb_args(args.hf_cb_num_blocks, args.hf_cb_max_batch_tokens),
         startup_timeout_s=args.startup_timeout,
         repeats=max(args.repeats, 1),
     )
-    return scenario, systems, args.json_out
+    return scenario, systems, args.json_out or DEFAULT_JSON_OUT[args.shape]
 
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the matmul limit waits as genserve's core does
     scenario, systems, json_out = parse_args(argv)
-    ensure_bench_model(scenario.model_path)
-    results: dict[str, dict[str, Any]] = {}
+    ensure_bench_model(scenario.model_path, scenario.shape)
+    by_system: dict[str, dict[int, dict[str, Any]]] = {}
     skipped: dict[str, str] = {}
-    genserve_systems = [system for system in systems if system in GENSERVE_APIS]
-    groups = [[system] for system in systems if system not in GENSERVE_APIS]
-    if genserve_systems:
-        groups.insert(min(systems.index(genserve_systems[0]), len(groups)), genserve_systems)
-    for group in groups:
-        group_results, skip_reason = run_systems(group, scenario)
-        if group_results is not None:
-            results.update(group_results)
+    for system in systems:
+        result, skip_reason = run_system(system, scenario)
+        if result is not None:
+            by_system[system] = result
         else:
-            for system in group:
-                skipped[system] = skip_reason or "unknown"
+            skipped[system] = skip_reason or "unknown"
             print(f"   skipped: {skip_reason}", flush=True)
-    print()
-    print(
-        f"scenario: concurrency {scenario.concurrency}, {scenario.requests} requests x "
-        f"{scenario.max_tokens} tokens, ~{scenario.prompt_len}-word prompt, device {scenario.device}, "
-        f"median of {scenario.repeats} runs"
-    )
-    print(format_results_table(results))
-    ratios = throughput_ratios(results)
-    for name, ratio in ratios.items():
-        print(f"{name}: {ratio:.2f}x output tok/s")
+    runs = []
+    for concurrency in scenario.concurrencies:
+        results = {system: per[concurrency] for system, per in by_system.items() if concurrency in per}
+        ratios = throughput_ratios(results)
+        print()
+        print(
+            f"scenario: {scenario.shape} model ({scenario.dtype}), concurrency {concurrency}, "
+            f"{scenario.requests_for(concurrency)} requests x {scenario.max_tokens} tokens, "
+            f"~{scenario.prompt_len}-word prompt, device {scenario.device}, median of {scenario.repeats} runs"
+        )
+        print(format_results_table(results))
+        for name, ratio in ratios.items():
+            print(f"{name}: {ratio:.2f}x output tok/s")
+        runs.append({"concurrency": concurrency, "results": results, "ratios": ratios})
     report = {
-        "scenario": {key: str(value) if isinstance(value, Path) else value for key, value in vars(scenario).items()},
+        "scenario": {key: str(value) if isinstance(value, Path) else value for key, value in vars(scenario).items()
+                     if key != "concurrency"},
+        "command": "python -m loadtest.benchmarks.bench_ar " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment_description(),
-        "results": results,
-        "ratios": ratios,
+        "runs": runs,
         "skipped": skipped,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -5,7 +5,9 @@
   raw      the raw batched-UNet limit: a plain loop that keeps ``concurrency`` rows in one batch
            (UNet forward with per-row timesteps + the vectorized DDPM update), no engine, no HTTP
   engine   genserve's DiffusionEngine stepped directly in-process, ``concurrency`` requests in flight
-  served   genserve over HTTP (``python -m service --model digits=PATH``), driven by the same load
+  served   genserve over HTTP (``python -m service --model digits=PATH``), driven by the same load,
+           with its default CPU settings; ``served-pinned`` / ``served-all-cores`` add
+           ``--pin-cpus true --cpu-threads N-1`` / ``--pin-cpus false --cpu-threads N``
 
 raw, engine and served take turns ``repeats`` times (median reported), so a slow spell of a shared
 machine hits them alike. Every system runs the same plan: ``requests`` requests of one image each, a digit label, seed i,
@@ -35,12 +37,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+# raw and engine run in this process: wait in OpenMP as genserve's engine core does (engine_core.py);
+# libgomp reads this when torch loads, just below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from loadtest.clients.diffusion_load import DIGIT_LABELS, ImageRequest, percentile, request_plan, run_image_load
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server
 
-SYSTEMS = ("serial", "raw", "engine", "served")
+SYSTEMS = ("serial", "raw", "engine", "served", "served-pinned", "served-all-cores")
+DEFAULT_SYSTEMS = ("serial", "raw", "engine", "served")
+# served variant -> extra genserve flags given the usable CPU count ("served" = default settings)
+SERVED_VARIANTS = {
+    "served": lambda cpus: [],
+    "served-pinned": lambda cpus: ["--pin-cpus", "true", "--cpu-threads", str(max(1, cpus - 1))],
+    "served-all-cores": lambda cpus: ["--pin-cpus", "false", "--cpu-threads", str(cpus)],
+}
 MODEL_NAME = "digits"
 NULL_CLASS = len(DIGIT_LABELS)
 DEFAULT_MODEL_PATH = Path(".bench/digits-1m")
@@ -113,26 +126,31 @@ def bench_serial(scenario: Scenario) -> dict[str, Any]:
     return result.to_dict()
 
 
-def genserve_command(scenario: Scenario, port: int) -> list[str]:
+def usable_cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def genserve_command(scenario: Scenario, port: int, variant: str = "served") -> list[str]:
     command = [sys.executable, "-m", "service", "--model", f"{MODEL_NAME}={scenario.model_path.resolve()}",
                "--port", str(port), "--device", scenario.device, "--diffusion-max-batch-size", str(scenario.concurrency),
                "--max-denoise-steps", str(scenario.max_steps), "--log-level", "warning"]
-    if scenario.threads:
+    if variant == "served" and scenario.threads:
         command += ["--cpu-threads", str(scenario.threads)]
-    return command
+    return command + SERVED_VARIANTS[variant](usable_cpu_count())
 
 
 @contextmanager
-def genserve_server(scenario: Scenario) -> Iterator[RunningServer]:
+def genserve_server(scenario: Scenario, variant: str = "served") -> Iterator[RunningServer]:
     port = find_free_port()
-    with managed_server(genserve_command(scenario, port), "/ready", port, MODEL_NAME, scenario.startup_timeout_s,
-                        LOG_DIR / "genserve-diffusion.log", server_environment(scenario)) as server:
+    with managed_server(genserve_command(scenario, port, variant), "/ready", port, MODEL_NAME,
+                        scenario.startup_timeout_s, LOG_DIR / f"genserve-diffusion-{variant}.log",
+                        server_environment(scenario)) as server:
         yield server
 
 
-def bench_served(scenario: Scenario, server: RunningServer, warm_up: bool) -> dict[str, Any]:
+def bench_served(scenario: Scenario, server: RunningServer, warm_up: bool, label: str = "served") -> dict[str, Any]:
     warmup = scenario.warmup_plan(scenario.warmup_requests) if warm_up else None
-    result = asyncio.run(run_image_load(server.base_url, label="served", model=MODEL_NAME, plan=scenario.plan(),
+    result = asyncio.run(run_image_load(server.base_url, label=label, model=MODEL_NAME, plan=scenario.plan(),
                                         concurrency=scenario.concurrency, warmup=warmup))
     return result.to_dict()
 
@@ -236,11 +254,13 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, dict[str, Any]],
                     skipped: dict[str, str]) -> None:
-    """raw, engine and served take turns, ``repeats`` times, so a slow spell of a shared machine
-    hits them alike; each reports its median run. The genserve server stays up throughout."""
+    """raw, engine and the served variants take turns, ``repeats`` times, so a slow spell of a shared
+    machine hits them alike; each reports its median run. The genserve servers stay up throughout (idle
+    while another system runs)."""
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
     with ExitStack() as stack:
-        server = stack.enter_context(genserve_server(scenario)) if "served" in systems else None
+        servers = {variant: stack.enter_context(genserve_server(scenario, variant))
+                   for variant in SERVED_VARIANTS if variant in systems}
         pipeline = load_pipeline(scenario) if {"raw", "engine"} & set(systems) else None
         for repeat in range(scenario.repeats):
             for system in systems:
@@ -249,9 +269,9 @@ def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, d
                 print(f"== {system} (run {repeat + 1}/{scenario.repeats}) ...", flush=True)
                 started = time.perf_counter()
                 try:
-                    if system == "served":
-                        assert server is not None
-                        runs[system].append(bench_served(scenario, server, warm_up=repeat == 0))
+                    if system in servers:
+                        runs[system].append(bench_served(scenario, servers[system], warm_up=repeat == 0,
+                                                         label=system))
                     else:
                         bench = bench_raw if system == "raw" else bench_engine
                         runs[system].append(bench(scenario, pipeline, warm_up=repeat == 0))
@@ -276,12 +296,12 @@ def format_value(value: Any, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    header = (f"{'system':<8} {'images/s':>9} {'img-steps/s':>12} {'e2e p50 ms':>11} {'e2e p99 ms':>11} "
+    header = (f"{'system':<17} {'images/s':>9} {'img-steps/s':>12} {'e2e p50 ms':>11} {'e2e p99 ms':>11} "
               f"{'queue p50 ms':>13} {'queue p99 ms':>13} {'errors':>7}")
     lines = [header, "-" * len(header)]
     for system, result in results.items():
         lines.append(
-            f"{system:<8} {format_value(result.get('images_per_s'), digits=2):>9} "
+            f"{system:<17} {format_value(result.get('images_per_s'), digits=2):>9} "
             f"{format_value(result.get('image_steps_per_s')):>12} "
             f"{format_value(result.get('e2e_p50_s'), 1000):>11} {format_value(result.get('e2e_p99_s'), 1000):>11} "
             f"{format_value(result.get('queue_p50_s'), 1000):>13} {format_value(result.get('queue_p99_s'), 1000):>13} "
@@ -291,8 +311,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     pairs = (("served", "raw"), ("served", "serial"), ("raw", "serial"), ("engine", "raw"), ("served", "engine"))
-    return {f"{top}/{bottom}": round(results[top]["images_per_s"] / results[bottom]["images_per_s"], 3)
-            for top, bottom in pairs if top in results and bottom in results and results[bottom]["images_per_s"]}
+    ratios = {f"{top}/{bottom}": round(results[top]["images_per_s"] / results[bottom]["images_per_s"], 3)
+              for top, bottom in pairs if top in results and bottom in results and results[bottom]["images_per_s"]}
+    variants = [results[name]["images_per_s"] for name in SERVED_VARIANTS if name in results]
+    if "served" in results and len(variants) > 1:
+        ratios["served/best-served-setting"] = round(results["served"]["images_per_s"] / max(variants), 3)
+    return ratios
 
 
 def environment_description(scenario: Scenario) -> dict[str, Any]:
@@ -304,7 +328,7 @@ def environment_description(scenario: Scenario) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", type=Path, default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--min-steps", type=int, default=10)
@@ -312,7 +336,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=16, help="unmeasured requests before served/engine")
     parser.add_argument("--serial-warmup", type=int, default=4, help="unmeasured requests before serial")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for every system (0 = default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for serial, raw and engine, and --cpu-threads of 'served' "
+                             "(0 = library default, all cores; 'served' then uses its own CPU policy)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of raw/engine/served, taking turns; median")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT)

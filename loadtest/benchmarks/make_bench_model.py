@@ -1,4 +1,6 @@
-"""Build a tiny (~5 M parameter) random-weight Llama for benchmarks, offline and deterministically.
+"""Build a random-weight Llama for benchmarks, offline and deterministically: the ~5 M-parameter
+default, or (``--shape 108m``) a SmolLM-135M-shaped one (30 layers, hidden 576, intermediate 1536,
+heads 9/3, our 4096-token vocab: 108.6 M parameters).
 
 The folder it writes loads with transformers' AutoModelForCausalLM / AutoTokenizer and with
 `transformers serve`, and carries a chat template so OpenAI-style chat endpoints work.
@@ -10,7 +12,7 @@ generate so that every benchmark request produces exactly `max_tokens` tokens:
   * so after the final RMSNorm dimension 0 is always positive, and the eos row of lm_head
     is `-EOS_SUPPRESSION` on dimension 0 and zero elsewhere: the eos logit is always very negative.
 
-Usage: python -m loadtest.benchmarks.make_bench_model [OUTPUT_DIR]
+Usage: python -m loadtest.benchmarks.make_bench_model [OUTPUT_DIR] [--shape 5m|108m]
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
 DEFAULT_OUTPUT_DIR = Path(".bench/tiny-llama-5m")
+# name -> (hidden, intermediate, layers, attention heads, kv heads)
+SHAPES: dict[str, tuple[int, int, int, int, int]] = {
+    "5m": (256, 688, 4, 4, 2),
+    "108m": (576, 1536, 30, 9, 3),  # SmolLM-135M's shape with a 4096-token vocab
+}
+DEFAULT_SHAPE_DIRS = {"5m": DEFAULT_OUTPUT_DIR, "108m": Path(".bench/llama-108m")}
 VOCAB_SIZE = 4096
 EOS_TOKEN = "<|endoftext|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -92,7 +100,7 @@ def train_tokenizer(output_dir: Path) -> int:
     return eos_token_id
 
 
-def suppress_eos(model: LlamaForCausalLM, eos_token_id: int) -> None:
+def suppress_eos(model: LlamaForCausalLM, eos_token_id: int, suppression: float = EOS_SUPPRESSION) -> None:
     """Rewire the random weights so the eos logit is always strongly negative (see module doc)."""
     import torch
 
@@ -102,7 +110,7 @@ def suppress_eos(model: LlamaForCausalLM, eos_token_id: int) -> None:
             layer.self_attn.o_proj.weight[0, :] = 0.0
             layer.mlp.down_proj.weight[0, :] = 0.0
         model.lm_head.weight[eos_token_id, :] = 0.0
-        model.lm_head.weight[eos_token_id, 0] = -EOS_SUPPRESSION
+        model.lm_head.weight[eos_token_id, 0] = -suppression
 
 
 def check_eos_suppressed(model: LlamaForCausalLM, eos_token_id: int) -> float:
@@ -121,18 +129,19 @@ def check_eos_suppressed(model: LlamaForCausalLM, eos_token_id: int) -> float:
     return gap
 
 
-def build_model(output_dir: Path, eos_token_id: int) -> int:
+def build_model(output_dir: Path, eos_token_id: int, shape: str = "5m") -> int:
     """Create, rewire and save the random Llama; return its parameter count."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=MAX_POSITIONS,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
@@ -142,7 +151,8 @@ def build_model(output_dir: Path, eos_token_id: int) -> int:
     )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    suppress_eos(model, eos_token_id)
+    # 30 random layers grow the residual stream, so the anchor dimension is smaller after the final norm.
+    suppress_eos(model, eos_token_id, EOS_SUPPRESSION * (10 if layers > 8 else 1))
     gap = check_eos_suppressed(model, eos_token_id)
     print(f"eos logit is at least {gap:.1f} below the best token")
     model.generation_config = GenerationConfig(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
@@ -162,14 +172,14 @@ def verify_loads(output_dir: Path) -> None:
     assert rendered.endswith("<|assistant|>\n"), rendered
 
 
-def build_bench_model(output_dir: Path = DEFAULT_OUTPUT_DIR, verify: bool = True) -> Path:
+def build_bench_model(output_dir: Path = DEFAULT_OUTPUT_DIR, verify: bool = True, shape: str = "5m") -> Path:
     """Build the benchmark model folder and return its path."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     eos_token_id = train_tokenizer(output_dir)
     print(f"tokenizer trained in {time.perf_counter() - started:.1f}s (eos id {eos_token_id})")
-    parameter_count = build_model(output_dir, eos_token_id)
+    parameter_count = build_model(output_dir, eos_token_id, shape)
     print(f"parameters: {parameter_count:,} ({parameter_count / 1e6:.2f} M)")
     if verify:
         verify_loads(output_dir)
@@ -179,10 +189,12 @@ def build_bench_model(output_dir: Path = DEFAULT_OUTPUT_DIR, verify: bool = True
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", nargs="?", type=Path, default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("output_dir", nargs="?", type=Path, default=None,
+                        help="default: .bench/tiny-llama-5m or .bench/llama-108m")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="5m")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading through transformers")
     args = parser.parse_args()
-    build_bench_model(args.output_dir, verify=not args.no_verify)
+    build_bench_model(args.output_dir or DEFAULT_SHAPE_DIRS[args.shape], verify=not args.no_verify, shape=args.shape)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ abort, shut down), then runs the engines' steps; each step's outputs go back as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,9 +21,15 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
+# The core's OpenMP threads share CPUs with the HTTP front end (and whatever else runs there). With
+# libgomp's default spinning waits, a waiter that loses its CPU costs whole scheduler slices: 2-thread
+# matmuls measured 10-100x slower beside one busy process, against ~1.1x with passive waits. libgomp
+# reads this when torch loads, which in the spawned core happens after this module is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from service.common.errors import EngineError
 from service.common.outputs import RequestOutput
-from service.runtime.lifecycle import ServedEngine
+from service.runtime.lifecycle import Engine, ServedEngine
 from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreMessage, CoreReady,
                                       Heartbeat, Rejected, Shutdown, StepOutputs)
 from service.runtime.registry import load_engines
@@ -103,6 +110,34 @@ def parse_injected_failures(spec: str) -> dict[str, frozenset[int]]:
     return {model: frozenset(numbers) for model, numbers in steps.items()}
 
 
+def warm_up_counting_flops(engine: Engine) -> float:
+    """Warm ``engine`` up and return the model FLOPs it spent per batch row (token or latent row)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        rows = warm_up(engine)
+    return counter.get_total_flops() / max(1, rows)
+
+
+def apply_cpu_plan(settings: Settings, flops_per_row: float) -> bool:
+    """Re-pin and re-size the core for the measured model cost (settings.plan_cpu_use); True if it changed."""
+    import torch
+
+    plan = settings.cpu_plan(flops_per_row)
+    can_pin = hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")
+    cpus = settings.engine_cpus(plan)
+    before = (os.sched_getaffinity(0) if can_pin else cpus, torch.get_num_threads())
+    if can_pin and (plan.pinned or before[0] != cpus):
+        # Every thread of the process, so that already-started threads follow too.
+        for thread_id in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(thread_id), cpus)
+    torch.set_num_threads(plan.threads)
+    logger.info(json.dumps({"event": "cpu_plan", "flops_per_row": round(flops_per_row), "threads": plan.threads,
+                            "pinned": plan.pinned, "cpus": sorted(cpus), "compute_bound": plan.compute_bound}))
+    return before != (cpus, plan.threads)
+
+
 def run_engine_core(settings: Settings, commands: Connection, results: Connection) -> None:
     """Entry point of the child process."""
     # Ctrl-C and most supervisors signal the whole process group: the front end drains, then stops us.
@@ -120,8 +155,14 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     loop = CoreLoop(commands, results, served, worker)
     try:
         engines, infos = load_engines(settings)
-        for engine in engines:
-            warm_up(engine)
+        if settings.resolved_device() == "cpu":
+            flops_per_row = max((warm_up_counting_flops(engine) for engine in engines), default=0.0)
+            if apply_cpu_plan(settings, flops_per_row):
+                for engine in engines:  # start the resized thread pool before traffic does
+                    warm_up(engine)
+        else:
+            for engine in engines:
+                warm_up(engine)
     except Exception as error:
         logger.exception("model loading failed")
         loop.send(CoreFailed(f"{type(error).__name__}: {error}"))

@@ -63,7 +63,7 @@ def diffusion_engine_config(settings: Settings) -> DiffusionEngineConfig:
 def build_engine(name: str, path: Path, settings: Settings) -> Engine:
     paradigm = detect_paradigm(path)
     device = torch.device(settings.resolved_device())
-    dtype = torch_dtype(settings.resolved_dtype())
+    dtype = torch_dtype(settings.resolved_dtype(paradigm))  # type: ignore[arg-type]
     if paradigm == AUTOREGRESSIVE:
         return AREngine(name, load_causal_lm(path, device, dtype), ar_engine_config(settings), device, dtype)
     if is_masked_diffusion_folder(path):

@@ -233,8 +233,10 @@ def _check_against_transformers_in(path: Path, device: torch.device, dtype: torc
     _check_mixed_batch(model, reference, atol=1e-3 if exact else 0.1, rtol=0 if exact else 0.02)
 
 
-def test_bfloat16_close_to_transformers_bfloat16(model_dirs: dict[str, Path]) -> None:
-    _check_against_transformers_in(model_dirs["llama_gqa_llama3_rope"], CPU, torch.bfloat16)
+@pytest.mark.parametrize("variant", ["llama_gqa_llama3_rope", "qwen2_gqa_tied", "gpt2"])
+def test_bfloat16_close_to_transformers_bfloat16(model_dirs: dict[str, Path], variant: str) -> None:
+    """``--dtype auto`` serves AR models in bf16 on CPUs with bf16 matmuls: the same logits as HF's bf16."""
+    _check_against_transformers_in(model_dirs[variant], CPU, torch.bfloat16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
