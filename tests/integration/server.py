@@ -157,3 +157,15 @@ def check_full_queue_gets_503(server: RunningServer, long_request: dict, short_r
         waiter.join(60)
         assert waiting_result == [200]
         assert http.get("/health").status_code == 200
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends on a raw socket until it closes the connection or ``timeout`` passes."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except OSError:
+        pass
+    return data

@@ -25,7 +25,8 @@ from service.app import create_app
 from service.settings import Settings
 from tests.fixtures.tiny_diffusion import build_tiny_digits
 from tests.fixtures.tiny_models import build_tiny_llama
-from tests.integration.server import RunningServer, metric_samples, metric_value, running_server, wait_for
+from tests.integration.server import (RunningServer, metric_samples, metric_value, read_until_closed, running_server,
+                                      wait_for)
 
 AR = {"model": "llama", "prompt": "hello", "max_tokens": 2}
 IMAGE = {"model": "digits", "prompt": "three", "steps": 2}
@@ -228,21 +229,11 @@ def _half_sent(server: RunningServer, declared: int, sent: bytes) -> socket.sock
     return sock
 
 
-def _read_all(sock: socket.socket, timeout: float) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except OSError:
-        pass
-    return data
-
 
 def test_a_slow_body_gets_408_within_the_read_timeout(server: RunningServer) -> None:
     started = time.monotonic()
     sock = _half_sent(server, 100, b'{"model": ')
-    answer = _read_all(sock, 10)
+    answer = read_until_closed(sock, 10)
     elapsed = time.monotonic() - started
     sock.close()
     head, _, body = answer.partition(b"\r\n\r\n")

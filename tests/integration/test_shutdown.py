@@ -20,7 +20,7 @@ import pytest
 
 from tests.fixtures.tiny_diffusion import build_tiny_digits
 from tests.fixtures.tiny_models import build_tiny_llama
-from tests.integration.server import RunningServer, parse_sse, running_server, wait_for
+from tests.integration.server import RunningServer, parse_sse, read_until_closed, running_server, wait_for
 
 EXIT_SLACK_S = 8.0  # after the drain: listener and connections closed (grace 2 s), core stopped, interpreter exit
 AR_STREAM = {"model": "llama", "prompt": "def main():", "max_tokens": 400, "ignore_eos": True, "temperature": 0,
@@ -143,16 +143,6 @@ def test_sigterm_to_the_process_group_drains_ten_streams(model_dirs: dict[str, P
         _drain_ten_streams(server, lambda: os.killpg(server.process.pid, signal.SIGTERM), 60)
 
 
-def _read_response(sock: socket.socket, timeout: float) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except OSError:
-        pass
-    return data
-
 
 def test_half_sent_bodies_and_idle_clients_cannot_hold_the_shutdown(model_dirs: dict[str, Path],
                                                                     tmp_path: Path) -> None:
@@ -174,7 +164,7 @@ def test_half_sent_bodies_and_idle_clients_cannot_hold_the_shutdown(model_dirs: 
         time.sleep(0.5)
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        answers = [_read_response(sock, drain_timeout_s + EXIT_SLACK_S) for sock in half_bodies]
+        answers = [read_until_closed(sock, drain_timeout_s + EXIT_SLACK_S) for sock in half_bodies]
         code, _ = _wait_exit(server, drain_timeout_s + EXIT_SLACK_S)
         elapsed = time.monotonic() - signalled
         assert code == 0, server.log()[-3000:]
