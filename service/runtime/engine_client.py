@@ -284,7 +284,7 @@ class EngineClient:
             raise EngineUnavailable(f"the engine core is {self.state.value}; retry later")
         loop = asyncio.get_running_loop()
         info = self.models[model]
-        stream = RequestStream(request_id or new_request_id("gen" if info.paradigm == "autoregressive" else "img"),
+        stream = RequestStream(request_id or new_request_id("gen" if info.details.get("modality") == "text" else "img"),
                                model, info.paradigm, self)
         admitted: asyncio.Future[None] = loop.create_future()
         self._streams[stream.request_id] = stream
