@@ -154,8 +154,8 @@ class Settings(BaseSettings):
                                    "shows no progress for this long while requests are pending")
     max_core_restarts: int = Field(5, ge=0, description="engine-core restarts before the server exits non-zero")
     core_restart_backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles each time")
-    inject_step_failures: str = Field("", description="TESTING ONLY: MODEL@N[,MODEL@N...] makes that model's N-th "
-                                      "step raise, to exercise fault isolation")
+    inject_step_failures: str = Field("", description="TESTING ONLY: MODEL@N[:oom][,...] makes that model's N-th "
+                                      "step raise (an out-of-memory error with :oom), to exercise fault isolation")
     # Jobs (POST /jobs): long work that outlives one HTTP request
     job_ttl_s: float = Field(3600.0, gt=0, description="how long a finished job's result is kept")
     max_jobs: int = Field(1000, ge=1, description="jobs kept at once (finished ones are dropped oldest first)")

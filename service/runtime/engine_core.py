@@ -101,13 +101,14 @@ class CoreLoop:
             self.send(Admitted(message.request_id))
 
 
-def parse_injected_failures(spec: str) -> dict[str, frozenset[int]]:
-    """``"tiny@3,tiny@7,digits@2"`` -> ``{"tiny": {3, 7}, "digits": {2}}``."""
-    steps: dict[str, set[int]] = {}
+def parse_injected_failures(spec: str) -> dict[tuple[str, str], frozenset[int]]:
+    """``"tiny@3,tiny@7:oom,digits@2"`` -> ``{("tiny", "fault"): {3}, ("tiny", "oom"): {7}, ("digits", "fault"): {2}}``."""
+    steps: dict[tuple[str, str], set[int]] = {}
     for part in filter(None, (item.strip() for item in spec.split(","))):
-        model, _, step = part.rpartition("@")
-        steps.setdefault(model, set()).add(int(step))
-    return {model: frozenset(numbers) for model, numbers in steps.items()}
+        target, _, kind = part.partition(":")
+        model, _, step = target.rpartition("@")
+        steps.setdefault((model, kind or "fault"), set()).add(int(step))
+    return {key: frozenset(numbers) for key, numbers in steps.items()}
 
 
 def warm_up_counting_flops(engine: Engine) -> float:
@@ -170,7 +171,9 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
         return
     failures = parse_injected_failures(settings.inject_step_failures)
     for engine in engines:
-        served[engine.name] = ServedEngine(engine, settings.max_queue, loop.emit, failures.get(engine.name, frozenset()))
+        served[engine.name] = ServedEngine(engine, settings.max_queue, loop.emit,
+                                           failures.get((engine.name, "fault"), frozenset()),
+                                           failures.get((engine.name, "oom"), frozenset()))
         share = settings.ar_steps_per_cycle if engine.paradigm == "autoregressive" else settings.diffusion_steps_per_cycle
         worker.add_engine(served[engine.name], share)
     loop.send(CoreReady(tuple(infos), os.getpid()))

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+
 from service.ar.outputs import TextDelta
 from service.common.errors import EngineError, EngineFailed, QueueFull, RequestTimedOut
 from service.common.outputs import FinishReason, RequestOutput, StepReport, StepStats, Timings
@@ -70,7 +72,8 @@ class InjectedFault(RuntimeError):
 
 
 class ServedEngine:
-    def __init__(self, engine: Engine, max_queue: int, emit: Emit, fail_at_steps: frozenset[int] = frozenset()) -> None:
+    def __init__(self, engine: Engine, max_queue: int, emit: Emit, fail_at_steps: frozenset[int] = frozenset(),
+                 out_of_memory_at_steps: frozenset[int] = frozenset()) -> None:
         self.engine = engine
         self.name = engine.name
         self.paradigm = engine.paradigm
@@ -79,6 +82,7 @@ class ServedEngine:
         self._requests: dict[str, TrackedRequest] = {}
         self._recorder = metrics.EngineRecorder(engine.paradigm, engine.modality, engine.name)
         self._fail_at_steps = fail_at_steps
+        self._out_of_memory_at_steps = out_of_memory_at_steps
         self.steps_run = 0
 
     # ---- between steps ------------------------------------------------------------------------
@@ -115,6 +119,8 @@ class ServedEngine:
         self.steps_run += 1
         if self.steps_run in self._fail_at_steps:
             raise InjectedFault(f"injected failure of step {self.steps_run} of {self.name}")
+        if self.steps_run in self._out_of_memory_at_steps:
+            raise torch.cuda.OutOfMemoryError(f"injected out-of-memory in step {self.steps_run} of {self.name}")
         report = self.engine.step()
         now = time.monotonic()
         for request_id in report.started:
@@ -179,7 +185,7 @@ class ServedEngine:
             self._end(request_id, "error", failure)
         logger.error("engine %s step failed (%s); ended %d running requests", self.name,
                      type(error).__name__, len(set(running)))
-        if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError: a smaller batch may fit
+        if isinstance(error, torch.cuda.OutOfMemoryError):  # a smaller batch may fit
             self.engine.shrink_batch()
 
     def fail_all(self, error: EngineError) -> None:

@@ -224,3 +224,30 @@ def test_generated_logprobs_and_alternatives_are_the_models(model_dirs: dict[str
             assert [top.token_id for top in entry.top] == ids.tolist()
             assert entry.token_id == ids[0].item()  # greedy picks the top token
         assert entry.logprob == pytest.approx(values[0].item(), abs=atol)
+
+
+def test_an_out_of_memory_step_fails_its_requests_frees_them_and_halves_the_batch_cap(
+        model_dirs: dict[str, Path]) -> None:
+    """Through the real device loop: the injected CUDA OOM (torch's own error type, raised by the
+    test-only setting's hook) ends the running requests, frees their blocks, and a smaller batch goes on."""
+    from service.runtime.lifecycle import ServedEngine
+    from service.runtime.worker import DeviceWorker
+
+    driver = make_engine(model_dirs["llama"], max_batch_size=4)
+    engine = driver.engine
+    served = ServedEngine(engine, 256, driver._collect, out_of_memory_at_steps=frozenset({3}))
+    driver.served = served
+    worker = DeviceWorker()
+    worker.add_engine(served)
+    running = [driver.submit(ids_request(encode(driver, PROMPTS[0]), greedy(50))) for _ in range(2)]
+    for _ in range(3):
+        worker.run_cycle()
+    assert [driver.result(r).finish_reason for r in running] == ["error", "error"]
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+    assert engine.scheduler.max_batch_size == 2 and engine.num_free_slots == 2
+    after = driver.submit(ids_request(encode(driver, PROMPTS[2]), greedy(5)))
+    for _ in range(50):
+        if driver.final(after) is not None:
+            break
+        worker.run_cycle()
+    assert driver.result(after).finish_reason == "length"
