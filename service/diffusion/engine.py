@@ -106,9 +106,9 @@ class DiffusionEngine:
             width=width, height=height, latent_shape=self.pipeline.latent_shape(width, height),
             preview_every=params.preview_every,
         )
-        if job.cost > self.config.max_batch_size:
+        if job.cost > self.max_batch_rows:
             raise InvalidRequest(f"{params.num_images} images{' with guidance' if guidance_scale else ''} need "
-                                 f"{job.cost} batch rows; this server's batch holds {self.config.max_batch_size}")
+                                 f"{job.cost} batch rows; this server's batch holds {self.max_batch_rows}")
         return job
 
     # ---- load, for admission and metrics --------------------------------------------------------
