@@ -178,13 +178,11 @@ class ServedEngine:
         """A step raised: end the requests that were in the batch with an error, free their resources,
         and leave the waiting ones queued. One output per request, with ``finish_reason`` "error"."""
         failure = EngineFailed("the engine step failed while this request was running")
-        running = [request_id for request_id, tracked in self._requests.items()
-                   if tracked.started_at is not None]
-        running.extend(self.engine.running_request_ids())
-        for request_id in dict.fromkeys(running):
+        running = self.engine.running_request_ids()  # the engine's batch, its admissions of this step included
+        for request_id in running:
             self._end(request_id, "error", failure)
         logger.error("engine %s step failed (%s); ended %d running requests", self.name,
-                     type(error).__name__, len(set(running)))
+                     type(error).__name__, len(running))
         if isinstance(error, torch.cuda.OutOfMemoryError):  # a smaller batch may fit
             self.engine.shrink_batch()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -43,8 +43,6 @@ class TextJob:
     prompt_ids: list[int]
     denoise: DenoiseJob | None  # None for max_tokens 0 (an ELBO only)
     elbo: ElboBound | None = None
-    started: bool = False
-    progress: list[int] = field(default_factory=list)
 
 
 class MaskedTextEngine:
@@ -135,7 +133,6 @@ class MaskedTextEngine:
             while self._waiting and len(self._running) < self.max_batch_rows:
                 job = self._waiting.popleft()
                 self._running.append(job)
-                job.started = True
                 report.started.append(job.request_id)
                 if job.request.prompt_elbo:  # its own forwards, once, when the request starts
                     estimate = estimate_elbo(self.model, job.prompt_ids, job.request.elbo_samples,
