@@ -75,7 +75,8 @@ class JobStore:
         self.settings = settings
         self.jobs: dict[str, Job] = {}
 
-    def _evict(self) -> None:
+    def make_room(self) -> None:
+        """Drop expired and, past ``max_jobs``, the oldest finished jobs; 503 when only running ones are left."""
         now = time.time()
         for job_id, job in list(self.jobs.items()):
             if job.finished_at is not None and now - job.finished_at > self.settings.job_ttl_s:
@@ -88,7 +89,7 @@ class JobStore:
                            {"Retry-After": str(self.settings.retry_after_s)})
 
     def start(self, stream: RequestStream) -> Job:
-        self._evict()
+        """Follow an admitted request as a job (``make_room`` first, before its work is queued)."""
         job = Job(stream)
         self.jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(self._follow(job))
@@ -148,7 +149,7 @@ async def create_job(request: Request) -> JSONResponse:
     """Queue a /generate body as a job; poll `status_url` or follow `events_url`."""
     settings: Settings = request.app.state.settings
     store = job_store(request)
-    store._evict()  # refuse before the work is queued
+    store.make_room()  # refuse before the work is queued
     prepared = await prepare(request)
     params = prepared.params
     if isinstance(params, MaskedTextRequest):

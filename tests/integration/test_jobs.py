@@ -66,3 +66,18 @@ def test_unknown_jobs_and_bad_bodies_are_4xx(server: RunningServer) -> None:
         assert bad.status_code == 422 and bad.json()["error"]["type"] == "validation_error"
         unknown_model = http.post("/jobs", json={"model": "nope", "prompt": "x"})
         assert unknown_model.status_code == 404
+
+
+def test_jobs_are_bounded_finished_ones_make_room_running_ones_refuse(
+        tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_digits_dir: Path) -> None:
+    with running_server({"tiny": tiny_llama_dir, "digits": tiny_digits_dir}, tmp_path_factory.mktemp("bounded-jobs"),
+                        "--max-jobs", "1", "--retry-after-s", "4") as server, server.client() as http:
+        first = http.post("/jobs", json={"model": "digits", "prompt": "one", "steps": 2}).json()
+        assert wait_for(lambda: http.get(first["status_url"]).json()["status"] == "succeeded", timeout=30)
+        long_text = http.post("/jobs", json={"model": "tiny", "prompt": "x", "max_tokens": 3000, "ignore_eos": True})
+        assert long_text.status_code == 202  # the finished job made room
+        assert http.get(first["status_url"]).status_code == 404
+        refused = http.post("/jobs", json={"model": "digits", "prompt": "two", "steps": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "too_many_jobs"
+        assert refused.headers["retry-after"] == "4"
+        assert http.delete(long_text.json()["status_url"]).json()["status"] == "cancelled"
