@@ -95,6 +95,9 @@ class RequestStream:
             self.finished = True
         return outputs
 
+    def deliver(self, output: RequestOutput) -> None:
+        self._queue.put_nowait(output)
+
     def notify_disconnect(self) -> None:
         self._queue.put_nowait(DISCONNECTED)
 
@@ -323,7 +326,7 @@ class EngineClient:
                     stream = streams.get(output.request_id)
                     if stream is None:
                         continue
-                    stream._queue.put_nowait(output)
+                    stream.deliver(output)
                     if output.finished:
                         del streams[output.request_id]
             case Heartbeat():
@@ -362,5 +365,5 @@ class EngineClient:
                 future.set_exception(EngineUnavailable(reason))
         self._admissions.clear()
         for stream in self._streams.values():
-            stream._queue.put_nowait(RequestOutput(stream.request_id, result=EngineGone(EngineUnavailable(reason))))
+            stream.deliver(RequestOutput(stream.request_id, result=EngineGone(EngineUnavailable(reason))))
         self._streams.clear()
