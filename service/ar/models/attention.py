@@ -7,8 +7,8 @@ Each attention layer then
 1. writes the new keys/values into the pool at ``slot_mapping`` and
 2. attends, per sequence, over the keys gathered through its block table.
 
-Sequences with one new token (decodes) are attended together in one padded
-SDPA call; each prefill chunk gets its own call with a causal mask offset by
+Sequences with one new token (decodes) are attended together, padded: one SDPA
+call on CUDA, two batched matmuls on a CPU; each prefill chunk gets its own call with a causal mask offset by
 the tokens it already has in the cache. The gather indices and masks are built
 once per step and shared by all layers.
 """
@@ -141,20 +141,47 @@ def paged_attention(
     output = torch.empty_like(query)
 
     if batch.num_decodes:
-        assert batch.decode_kv_slots is not None
-        n = batch.num_decodes
-        keys = key_cache[batch.decode_kv_slots].transpose(1, 2)  # [n, kv_heads, ctx, d]
-        values = value_cache[batch.decode_kv_slots].transpose(1, 2)
-        output[:n] = F.scaled_dot_product_attention(
-            query[:n].unsqueeze(2), keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
-        ).squeeze(2)
+        assert batch.decode_kv_slots is not None and batch.decode_mask is not None
+        n, max_context = batch.decode_kv_slots.shape
+        flat_slots = batch.decode_kv_slots.reshape(-1)
+        # index_select, not key_cache[slots]: on a CPU the advanced-indexing gather is ~8x slower
+        keys = key_cache.index_select(0, flat_slots).view(n, max_context, *key_cache.shape[1:])
+        values = value_cache.index_select(0, flat_slots).view(n, max_context, *value_cache.shape[1:])
+        if query.device.type == "cpu":
+            output[:n] = _decode_attention_matmul(query[:n], keys, values, batch.decode_mask, scale)
+        else:
+            output[:n] = F.scaled_dot_product_attention(
+                query[:n].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa,
+            ).squeeze(2)
 
     for prefill in batch.prefills:
         start, stop = prefill.query_start, prefill.query_start + prefill.query_len
-        keys = key_cache[prefill.kv_slots].transpose(0, 1)[None]  # [1, kv_heads, ctx, d]
-        values = value_cache[prefill.kv_slots].transpose(0, 1)[None]
+        keys = key_cache.index_select(0, prefill.kv_slots).transpose(0, 1)[None]  # [1, kv_heads, ctx, d]
+        values = value_cache.index_select(0, prefill.kv_slots).transpose(0, 1)[None]
         output[start:stop] = F.scaled_dot_product_attention(
             query[start:stop].transpose(0, 1)[None], keys, values,
             attn_mask=prefill.mask, scale=scale, enable_gqa=gqa,
         )[0].transpose(0, 1)
     return output
+
+
+def _decode_attention_matmul(
+    query: torch.Tensor,  # [n, heads, head_dim]
+    keys: torch.Tensor,  # [n, context, kv_heads, head_dim]
+    values: torch.Tensor,  # [n, context, kv_heads, head_dim]
+    mask: torch.Tensor,  # [n, 1, 1, context] bool, True = attend
+    scale: float,
+) -> torch.Tensor:
+    """One-token queries as two small batched matmuls in float32, each KV head's query group together.
+
+    On a CPU this is ~4x faster than SDPA's flash kernel, which is built for long queries; float32
+    scores and softmax keep bfloat16 caches as accurate as SDPA's own float32 accumulation.
+    """
+    n, heads, head_dim = query.shape
+    kv_heads = keys.shape[2]
+    grouped_query = query.reshape(n, kv_heads, heads // kv_heads, head_dim).float()
+    scores = torch.matmul(grouped_query, keys.permute(0, 2, 3, 1).float()).mul_(scale)  # [n, kv, group, ctx]
+    scores.masked_fill_(~mask.view(n, 1, 1, -1), float("-inf"))
+    attended = torch.matmul(scores.softmax(dim=-1), values.permute(0, 2, 1, 3).float())  # [n, kv, group, d]
+    return attended.reshape(n, heads, head_dim).to(query.dtype)
