@@ -5,6 +5,7 @@ cancellation, and failing a step's requests."""
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import pytest
@@ -221,18 +222,21 @@ def test_abort_ends_the_request_once_frees_it_and_updates_the_gauges(model_dir: 
 
 
 def test_a_failed_step_ends_the_running_requests_and_keeps_the_waiting_ones(
-        model_dir: Path, clock: ManualClock) -> None:
+        model_dir: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
     harness = Harness(model_dir, max_batch_size=2, fail_at_steps=frozenset({2}))
     running = [harness.submit(max_tokens=50) for _ in range(2)]
     waiting = harness.submit(max_tokens=2)
     harness.served.step()
     with pytest.raises(InjectedFault, match=f"step 2 of {harness.name}"):
         harness.served.step()
-    harness.served.fail_running(RuntimeError("boom"))
+    with caplog.at_level(logging.ERROR, logger=lifecycle.__name__):
+        harness.served.fail_running(RuntimeError("boom"))
+    assert f"engine {harness.name} step failed (RuntimeError); ended 2 running requests" in caplog.text
     for request_id in running:
         result = harness.final(request_id).result
         assert isinstance(result, TextResult) and result.finish_reason == "error"
         assert isinstance(result.error, EngineFailed)
+        assert str(result.error) == "the engine step failed while this request was running"
     assert harness.sample("genserve_requests_total", outcome="error") == 2
     assert harness.engine.scheduler.max_batch_size == 2  # not an out-of-memory error: the cap stays
     assert harness.engine.kv_cache.num_free_blocks == harness.engine.kv_cache.num_blocks

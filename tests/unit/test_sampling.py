@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from service.ar.sampling import _apply_repetition_penalty, _filter_top_k_top_p_min_p, sample
+from service.ar.sampling import (_apply_logit_bias, _apply_output_penalties, _apply_repetition_penalty,
+                                 _filter_top_k_top_p_min_p, sample)
 from service.ar.sequence import SamplingParams
 
 NEG_INF = float("-inf")
@@ -246,3 +247,62 @@ def test_zero_top_logprobs_everywhere_still_reports_the_chosen_tokens_logprob() 
     expected = logits.log_softmax(dim=-1)
     assert result.token_ids == [2, 0]
     assert result.logprobs == [(expected[0, 2].item(), []), (expected[1, 0].item(), [])]
+
+
+# ---- presence / frequency penalties, logit bias, non-finite rows ------------------------------------
+
+
+def test_output_penalties_subtract_frequency_times_count_plus_presence_from_output_tokens_only() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    params = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
+    penalized = logits.clone()
+    _apply_output_penalties(penalized, [0], [params], [[3, 1, 3, 3]])
+    # token 3: 4 - (0.25 * 3 + 0.5); token 1: 2 - (0.25 + 0.5); the others untouched
+    assert penalized.tolist() == [[1.0, 1.25, 3.0, 2.75, 5.0]]
+    unchanged = logits.clone()
+    _apply_output_penalties(unchanged, [0], [params], [[]])
+    assert torch.equal(unchanged, logits)
+
+
+def test_sample_applies_output_penalties_after_the_prompt_and_to_the_named_rows_only() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.9], [0.0, 3.0, 2.9]])
+    params = [SamplingParams(temperature=0.0, presence_penalty=0.2), SamplingParams(temperature=0.0)]
+    seen = [[1, 2, 1], [1, 1]]  # row 0: prompt [1], output [2, 1]; row 1: no penalties
+    result = sample(logits, params, generators(0, 1), seen, num_prompt_tokens=[1, 1])
+    assert result.token_ids == [1, 1]  # both penalised by 0.2: 2.8 vs 2.7
+    only_prompt = sample(logits, params, generators(0, 1), [[1, 2], [1]], num_prompt_tokens=[1, 1])
+    assert only_prompt.token_ids == [1, 1]
+    frequency = [SamplingParams(temperature=0.0, frequency_penalty=0.1)]
+    assert sample(logits[:1], frequency, generators(0), [[1, 1, 2]], num_prompt_tokens=[1]).token_ids == [1]
+    assert sample(logits[:1], frequency, generators(0), [[2, 1, 1]], num_prompt_tokens=[0]).token_ids == [2]
+    assert sample(logits[:1], frequency, generators(0), [[1, 1, 2]]).token_ids == [2]  # no prompt: all output
+    assert torch.equal(logits, torch.tensor([[0.0, 3.0, 2.9], [0.0, 3.0, 2.9]]))  # the caller's logits untouched
+
+
+def test_logit_bias_adds_to_each_named_token_of_its_own_row() -> None:
+    logits = torch.zeros(2, 4)
+    _apply_logit_bias(logits, [1], [SamplingParams(logit_bias=((2, 1.5), (0, -100.0)))])
+    assert logits.tolist() == [[0.0, 0.0, 0.0, 0.0], [-100.0, 0.0, 1.5, 0.0]]
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias=((3, 0.5),))]
+    base = torch.tensor([[1.0, 0.0, 0.0, 0.8], [1.0, 0.0, 0.0, 0.8]])
+    assert sample(base, params, generators(0, 1), [[], []]).token_ids == [0, 3]
+    assert base[1, 3] == 0.8
+
+
+def test_rows_with_nan_or_positive_infinity_are_reported_invalid() -> None:
+    logits = torch.tensor([[0.0, 1.0, NEG_INF], [0.0, float("nan"), 1.0], [float("inf"), 0.0, 0.0], [2.0, 0.0, 1.0]])
+    params = [SamplingParams(temperature=0.0)] * 4
+    result = sample(logits, params, generators(0, 1, 2, 3), [[]] * 4)
+    assert result.invalid_rows == [1, 2]
+    assert result.token_ids[0] == 1 and result.token_ids[3] == 0
+    assert sample(logits[[0, 3]], params[:2], generators(0, 1), [[], []]).invalid_rows == []
+
+
+def test_a_penalty_that_overflows_to_infinity_makes_its_row_invalid() -> None:
+    logits = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    params = [SamplingParams(temperature=1.0, logit_bias=((0, 3e38), (0, 3e38))), SamplingParams(temperature=1.0)]
+    result = sample(logits, params, generators(0, 1), [[], []])
+    assert result.invalid_rows == [0]
+    # finite logits, but the temperature scales them past float32: the softmax is NaN
+    tempered = [SamplingParams(temperature=0.5), SamplingParams(temperature=1.0)]
+    assert sample(torch.tensor([[-3e38, 3e38], [-3e38, 3e38]]), tempered, generators(0, 1), [[], []]).invalid_rows == [0]

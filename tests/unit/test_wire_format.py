@@ -363,7 +363,7 @@ def test_a_client_disconnect_raises_and_cancels_the_request_once() -> None:
         stream.deliver(RequestOutput("gen-1", delta=TextDelta("a", (1,))))
         gone = asyncio.Event()
         sizes = []
-        with pytest.raises(ClientDisconnected):
+        with pytest.raises(ClientDisconnected, match="gen-1"):
             async for batch in output_batches(stream, disconnects_after(gone)):
                 sizes.append(len(batch))
                 gone.set()
@@ -371,6 +371,56 @@ def test_a_client_disconnect_raises_and_cancels_the_request_once() -> None:
 
     sizes, client, stream = asyncio.run(run_with_output())
     assert sizes == [1] and client.aborted == ["gen-1"] and stream.cancelled
+
+
+def test_messages_other_than_a_disconnect_do_not_end_the_stream() -> None:
+    async def run() -> tuple[list[int], AbortRecorder]:
+        stream, client = new_stream()
+        requests = iter([{"type": "http.request", "body": b"", "more_body": False}] * 3)
+
+        async def receive() -> dict:
+            message = next(requests, None)
+            if message is None:
+                await asyncio.Event().wait()
+            return message  # type: ignore[return-value]
+
+        async def deliver_later() -> None:
+            await asyncio.sleep(0.02)
+            stream.deliver(RequestOutput("gen-1", result=TextResult("a", (1,), "stop", 1, 0)))
+        delivery = asyncio.ensure_future(deliver_later())
+        sizes = [len(batch) async for batch in output_batches(stream, receive)]
+        await delivery
+        return sizes, client
+    sizes, client = asyncio.run(run())
+    assert sizes == [1] and client.aborted == []
+
+
+def test_final_output_waits_past_deltas_delivered_one_at_a_time() -> None:
+    async def run() -> RequestOutput:
+        stream, _ = new_stream()
+
+        async def deliver_slowly() -> None:
+            for output in (RequestOutput("gen-1", delta=TextDelta("a", (1,))),
+                           RequestOutput("gen-1", result=TextResult("a", (1,), "stop", 1, 0))):
+                await asyncio.sleep(0.01)
+                stream.deliver(output)
+        delivery = asyncio.ensure_future(deliver_slowly())
+        final = await final_output(stream, never_disconnects())
+        await delivery
+        return final
+    final = asyncio.run(run())
+    assert final.finished and final.result.text == "a"  # type: ignore[union-attr]
+
+
+def test_final_output_raises_when_the_client_disconnects_and_cancels() -> None:
+    async def run() -> AbortRecorder:
+        stream, client = new_stream()
+        gone = asyncio.Event()
+        gone.set()
+        with pytest.raises(ClientDisconnected, match="gen-1"):
+            await final_output(stream, disconnects_after(gone))
+        return client
+    assert asyncio.run(run()).aborted == ["gen-1"]
 
 
 def test_final_output_skips_the_deltas() -> None:
