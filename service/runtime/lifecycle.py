@@ -149,7 +149,7 @@ class ServedEngine:
         if not output.finished:
             return output
         del self._requests[output.request_id]
-        finish_reason: str = getattr(output.result, "finish_reason", "stop")
+        finish_reason: str = getattr(output.result, "finish_reason")  # every engine's result type has one
         started = tracked.started_at if tracked.started_at is not None else now
         ttft = None if tracked.first_token_at is None else tracked.first_token_at - tracked.arrival_time
         timings = Timings(queue_s=round(started - tracked.arrival_time, 6),

@@ -83,30 +83,32 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_timings_and_latency_histograms_follow_the_clock_exactly(model_dir: Path, clock: ManualClock) -> None:
     harness = Harness(model_dir)
     request_id = harness.submit(max_tokens=3)  # arrives at 100.0
-    clock.now = 100.5
+    clock.now = 100.5000004
     harness.served.step()  # scheduled, prefilled: the first token
     clock.now = 101.75
     harness.served.step()  # second token
-    clock.now = 102.0000004
+    clock.now = 102.5000004
     harness.served.step()  # third and last token
     final = harness.final(request_id)
     assert isinstance(final.result, TextResult) and final.result.finish_reason == "length"
     assert final.timings is not None
-    assert (final.timings.queue_s, final.timings.ttft_s, final.timings.total_s) == (0.5, 0.5, 2.0)
+    # rounded to the microsecond
+    assert (final.timings.queue_s, final.timings.ttft_s, final.timings.total_s) == (0.5, 0.5, 2.5)
     assert harness.sample("genserve_queue_wait_seconds_count") == 1
-    assert harness.sample("genserve_queue_wait_seconds_sum") == pytest.approx(0.5)
+    assert harness.sample("genserve_queue_wait_seconds_sum") == pytest.approx(0.5000004)
     assert harness.sample("genserve_time_to_first_token_seconds_count") == 1
-    assert harness.sample("genserve_time_to_first_token_seconds_sum") == pytest.approx(0.5)
-    # three tokens, two gaps: 1.25 s and 0.25 s (from the previous token, not from arrival)
+    assert harness.sample("genserve_time_to_first_token_seconds_sum") == pytest.approx(0.5000004)
+    # three tokens, two gaps: from the previous token, not from arrival
     assert harness.sample("genserve_inter_token_latency_seconds_count") == 2
-    assert harness.sample("genserve_inter_token_latency_seconds_sum") == pytest.approx(1.5000004)
+    assert harness.sample("genserve_inter_token_latency_seconds_sum") == pytest.approx(2.0)
     assert harness.sample("genserve_request_duration_seconds_count", outcome="length") == 1
-    assert harness.sample("genserve_request_duration_seconds_sum", outcome="length") == pytest.approx(2.0000004)
+    assert harness.sample("genserve_request_duration_seconds_sum", outcome="length") == pytest.approx(2.5000004)
     assert harness.sample("genserve_requests_total", outcome="length") == 1
     assert harness.sample("genserve_generated_tokens_total") == 3
     assert harness.sample("genserve_batch_size_count") == 3
     assert harness.sample("genserve_batch_size_sum") == 3
     assert harness.served.num_requests == 0 and not harness.served.has_work()
+    assert (harness.served.name, harness.served.paradigm) == (harness.name, "autoregressive")
 
 
 def test_a_request_that_waits_for_a_slot_has_its_queue_time_and_an_explicit_arrival(
@@ -194,7 +196,7 @@ def test_a_request_not_started_within_its_queue_wait_ends_with_a_timeout_error(
     final = harness.final(waiting)
     assert isinstance(final.result, TextResult)
     assert final.result.finish_reason == "error" and isinstance(final.result.error, RequestTimedOut)
-    assert "queue-wait bound" in str(final.result.error)
+    assert str(final.result.error) == "the request did not start within the queue-wait bound; retry later"
     assert not any(output.finished for output in harness.outputs(running))  # started in time: it goes on
     assert harness.engine.num_waiting == 0
 
@@ -231,7 +233,8 @@ def test_a_failed_step_ends_the_running_requests_and_keeps_the_waiting_ones(
         harness.served.step()
     with caplog.at_level(logging.ERROR, logger=lifecycle.__name__):
         harness.served.fail_running(RuntimeError("boom"))
-    assert f"engine {harness.name} step failed (RuntimeError); ended 2 running requests" in caplog.text
+    assert [record.getMessage() for record in caplog.records] == [
+        f"engine {harness.name} step failed (RuntimeError); ended 2 running requests"]
     for request_id in running:
         result = harness.final(request_id).result
         assert isinstance(result, TextResult) and result.finish_reason == "error"
@@ -254,6 +257,14 @@ def test_an_out_of_memory_step_halves_the_batch_cap(model_dir: Path, clock: Manu
     harness.served.fail_running(torch.cuda.OutOfMemoryError("injected"))
     assert harness.engine.scheduler.max_batch_size == 2
     harness.served.step()  # step 2 is not named: it runs
+
+
+def test_a_request_the_engine_no_longer_knows_is_dropped_from_tracking(model_dir: Path, clock: ManualClock) -> None:
+    harness = Harness(model_dir)
+    request_id = harness.submit(max_tokens=50)
+    harness.engine.abort(request_id)  # the engine forgets it (its output goes nowhere)
+    harness.served.abort(request_id)
+    assert harness.served.num_requests == 0 and harness.outputs(request_id) == []
 
 
 def test_fail_all_ends_every_request_with_the_given_error(model_dir: Path, clock: ManualClock) -> None:

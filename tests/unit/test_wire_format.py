@@ -209,7 +209,7 @@ def test_error_response_counts_rejections_and_hides_internal_details(caplog: pyt
     assert error_id.startswith("err-") and len(error_id) == 20
     body = json.loads(hidden.body)["error"]
     assert body == {"type": "internal_error", "message": f"internal error (id {error_id}); the server log has the details"}
-    assert f"internal error {error_id}: Traceback: secret at 0xdead" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [f"internal error {error_id}: Traceback: secret at 0xdead"]
     unavailable = error_response(503, "engine_unavailable", "restarting", {"Retry-After": "1"})
     assert json.loads(unavailable.body)["error"]["message"] == "restarting"
     assert "X-Error-Id" not in unavailable.headers
@@ -222,6 +222,14 @@ def test_describe_validation_errors_names_fields_without_the_body_prefix() -> No
     assert message == "sampling.top_p: must be <= 1; body: bad json; n: invalid"
     assert param == "sampling.top_p"
     assert describe_validation_errors([{"loc": ("body",), "msg": "x"}]) == ("body: x", None)
+    assert describe_validation_errors([{"msg": "no location"}]) == ("body: no location", None)
+
+
+def test_an_api_error_keeps_its_message_and_fields() -> None:
+    error = APIError(409, "conflict", "already there", {"X-A": "b"}, param="name")
+    assert str(error) == "already there"
+    assert (error.status_code, error.error_type, error.message, error.headers, error.param) == (
+        409, "conflict", "already there", {"X-A": "b"}, "name")
 
 
 class Body(BaseModel):
@@ -294,7 +302,11 @@ def test_each_failure_becomes_one_json_error_in_the_routes_shape(caplog: pytest.
     error_id = response.headers["X-Error-Id"]
     assert response.json()["error"] == {"type": "internal_error",
                                         "message": f"internal error (id {error_id}); the server log has the details"}
-    assert f"internal error {error_id} on /bug" in caplog.text and "secret internals" in caplog.text
+    records = [r for r in caplog.records if r.name == api_errors.__name__]
+    assert len(records) == 2  # one line per failure: /bug and /v1/bug
+    record = records[0]
+    assert record.getMessage() == f"internal error {error_id} on /bug"
+    assert record.exc_info is not None and str(record.exc_info[1]) == "secret internals"
     assert openai_bug.status_code == 500 and openai_bug.json()["error"]["type"] == "server_error"
     assert openai_bug.json()["error"]["code"] == "internal_error"
 
