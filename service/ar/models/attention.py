@@ -11,14 +11,30 @@ Sequences with one new token (decodes) are attended together, padded: one SDPA
 call on CUDA, two batched matmuls on a CPU; each prefill chunk gets its own call with a causal mask offset by
 the tokens it already has in the cache. The gather indices and masks are built
 once per step and shared by all layers.
+
+The "flex" backend (``flex_attention.py``) reads the pool in place instead of gathering it; this
+file stays the reference and the CPU default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from service.ar.models.flex_attention import FlexAttentionMetadata, build_flex_metadata
+
+AttentionBackendSetting = Literal["auto", "torch", "flex"]
+AttentionBackend = Literal["torch", "flex"]
+
+
+def resolve_attention_backend(setting: AttentionBackendSetting, device: torch.device) -> AttentionBackend:
+    """auto = flex on CUDA (compiled kernels), torch elsewhere (uncompiled flex is slow on CPU)."""
+    if setting == "auto":
+        return "flex" if device.type == "cuda" else "torch"
+    return setting
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class ForwardBatch:
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context]
     prefills: list[PrefillAttention]
     query_lens: list[int]  # per sequence, in batch order
+    flex: FlexAttentionMetadata | None = None  # set: the flex backend, and the torch fields above are empty
 
     @property
     def num_tokens(self) -> int:
@@ -67,9 +84,11 @@ def _slots_for(block_table: list[int], block_size: int, start: int, stop: int) -
 
 
 def build_forward_batch(
-    slices: list[SequenceSlice], block_size: int, device: torch.device
+    slices: list[SequenceSlice], block_size: int, device: torch.device,
+    attention_backend: AttentionBackend = "torch", num_pool_blocks: int = 0,
 ) -> ForwardBatch:
-    """Pack ``slices`` into one batch. Decodes (one new token) must come first."""
+    """Pack ``slices`` into one batch. Decodes (one new token) must come first. The flex backend
+    needs the pool's size in blocks (``num_pool_blocks``)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
@@ -84,6 +103,16 @@ def build_forward_batch(
         positions.extend(range(piece.start_position, stop))
         slot_mapping.extend(_slots_for(piece.block_table, block_size, piece.start_position, stop))
         query_lens.append(query_len)
+
+    if attention_backend == "flex":
+        flex = build_flex_metadata([piece.block_table for piece in slices], [piece.start_position for piece in slices],
+                                   query_lens, num_decodes, block_size, num_pool_blocks, device)
+        return ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            num_decodes=num_decodes, decode_kv_slots=None, decode_mask=None, prefills=[], query_lens=query_lens,
+            flex=flex)
 
     decode_kv_slots = decode_mask = None
     if num_decodes:
@@ -137,6 +166,8 @@ def paged_attention(
     """Store this step's keys/values in the pool, then attend. Returns [T, heads, head_dim]."""
     key_cache.index_copy_(0, batch.slot_mapping, key.to(key_cache.dtype))
     value_cache.index_copy_(0, batch.slot_mapping, value.to(value_cache.dtype))
+    if batch.flex is not None:
+        return batch.flex.attend(query, key_cache, value_cache, scale)
     gqa = query.shape[1] != key.shape[1]
     output = torch.empty_like(query)
 
