@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one AR step (chunked prefill)")
     enable_prefix_caching: bool = Field(True, description="share full KV blocks between requests by content")
     max_model_len: int = Field(4096, ge=1, description="cap on prompt + generated tokens (also capped by the model)")
+    attention_backend: Literal["auto", "torch", "flex"] = Field(
+        "auto", description="AR attention over the KV pool: torch = gather each sequence's context (the reference); "
+                            "flex = FlexAttention reading the pool in place (compiled on cuda; uncompiled and slow "
+                            "on cpu); auto = flex on cuda, torch on cpu")
+    cuda_graphs: bool = Field(True, description="on cuda with the flex backend: capture AR decode steps as CUDA "
+                              "graphs at load, for batch sizes 1, 2, 4, ... up to max_batch_size; ignored on cpu")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(128, ge=0, description="max_tokens when a request omits it")
     max_logprobs: int = Field(20, ge=0, description="largest top-n logprobs a request may ask for")

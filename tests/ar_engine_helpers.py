@@ -21,7 +21,7 @@ ENGINE_DEFAULTS = {"max_batch_size": 32, "kv_cache_tokens": 4096, "block_size": 
 
 
 def make_engine(path: Path, max_queue: int = 256, dtype: torch.dtype = torch.float32,
-                **overrides: int | bool) -> EngineDriver:
+                **overrides: int | bool | str) -> EngineDriver:
     loaded = load_causal_lm(path, CPU, dtype)
     config = AREngineConfig(**{**ENGINE_DEFAULTS, **overrides})  # type: ignore[arg-type]
     return EngineDriver(AREngine("test", loaded, config, CPU, dtype), max_queue)

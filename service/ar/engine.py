@@ -17,6 +17,7 @@ from service.ar.detokenize import IncrementalDetokenizer
 from service.ar.kv_cache import KVCacheManager
 from service.ar.loader import LoadedCausalLM
 from service.ar.model_runner import ModelRunner
+from service.ar.models.attention import AttentionBackendSetting
 from service.ar.outputs import PromptTokenLogprob, TextDelta, TextResult, TokenLogprob, TopLogprob
 from service.ar.params import SamplingParams, TextRequest
 from service.ar.sampling import sample
@@ -38,6 +39,8 @@ class AREngineConfig:
     max_num_batched_tokens: int
     enable_prefix_caching: bool
     max_model_len: int
+    attention_backend: AttentionBackendSetting = "auto"
+    cuda_graphs: bool = True  # effective on CUDA with the flex backend only
 
 
 class AREngine:
@@ -56,7 +59,9 @@ class AREngine:
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_batch_size,
                                    max(config.max_num_batched_tokens, config.max_batch_size))
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, device, dtype)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, device, dtype,
+                                  config.attention_backend, config.cuda_graphs, config.max_batch_size,
+                                  self.max_model_len)
         self._sequences: dict[str, Sequence] = {}
         self._pending_stats = StepStats()  # what happened between steps (admissions), reported with the next
 

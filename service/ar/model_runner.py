@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from service.ar.models.attention import SequenceSlice, build_forward_batch
+from service.ar.cuda_graphs import DecodeGraphs
+from service.ar.models.attention import AttentionBackendSetting, SequenceSlice, build_forward_batch, \
+    resolve_attention_backend
 from service.ar.models.base import CausalLM
+from service.ar.models.flex_attention import check_flex_block_size
 from service.ar.sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,16 +28,32 @@ class StepLogits:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, attention_backend: AttentionBackendSetting = "torch",
+                 cuda_graphs: bool = False, max_batch_size: int = 1, max_model_len: int = 1) -> None:
+        """``num_blocks`` are the KV-cache manager's blocks; CUDA graphs add one scratch block after them."""
         self.model = model
         self.block_size = block_size
         self.device = device
-        num_slots = num_blocks * block_size
+        self.attention_backend = resolve_attention_backend(attention_backend, device)
+        if self.attention_backend == "flex":
+            check_flex_block_size(block_size, device)
+        use_graphs = cuda_graphs and device.type == "cuda"
+        if use_graphs and self.attention_backend != "flex":
+            logger.info("CUDA graphs need the flex attention backend; decoding eagerly")
+            use_graphs = False
+        self.num_pool_blocks = num_blocks + (1 if use_graphs else 0)
+        num_slots = self.num_pool_blocks * block_size
         self.kv_caches = [
             (torch.zeros(num_slots, model.num_kv_heads, model.head_dim, dtype=dtype, device=device),
              torch.zeros(num_slots, model.num_kv_heads, model.head_dim, dtype=dtype, device=device))
             for _ in range(model.num_layers)
         ]
+        self.decode_graphs: DecodeGraphs | None = None
+        if use_graphs:
+            max_blocks_per_sequence = min(num_blocks, -(-max_model_len // block_size))
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, max_batch_size,
+                                              max_blocks_per_sequence, device)
+            self.decode_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, entries: list[tuple[Sequence, int]]) -> StepLogits:
@@ -40,10 +62,14 @@ class ModelRunner:
                           seq.num_computed_tokens, seq.block_table)
             for seq, num_new in entries
         ]
-        batch = build_forward_batch(slices, self.block_size, self.device)
-        hidden = self.model.forward(batch, self.kv_caches)
-
-        last_indices = batch.last_token_indices()
+        if self.decode_graphs is not None and self.decode_graphs.fits([num_new for _, num_new in entries]):
+            hidden = self.decode_graphs.run(slices)
+            last_indices = list(range(len(entries)))
+        else:
+            batch = build_forward_batch(slices, self.block_size, self.device, self.attention_backend,
+                                        self.num_pool_blocks)
+            hidden = self.model.forward(batch, self.kv_caches)
+            last_indices = batch.last_token_indices()
         sample_entries = [
             index for index, (seq, num_new) in enumerate(entries)
             if seq.num_computed_tokens + num_new == seq.num_tokens

@@ -52,7 +52,8 @@ def ar_engine_config(settings: Settings) -> AREngineConfig:
     return AREngineConfig(
         max_batch_size=settings.max_batch_size, kv_cache_tokens=settings.kv_cache_tokens,
         block_size=settings.block_size, max_num_batched_tokens=settings.max_num_batched_tokens,
-        enable_prefix_caching=settings.enable_prefix_caching, max_model_len=settings.max_model_len)
+        enable_prefix_caching=settings.enable_prefix_caching, max_model_len=settings.max_model_len,
+        attention_backend=settings.attention_backend, cuda_graphs=settings.cuda_graphs)
 
 
 def diffusion_engine_config(settings: Settings) -> DiffusionEngineConfig:

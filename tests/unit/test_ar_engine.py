@@ -11,6 +11,7 @@ import transformers
 
 from service.ar.params import SamplingParams
 from service.common.errors import PromptTooLong, QueueFull
+from service.settings import Settings
 from tests.ar_engine_helpers import PROMPTS, encode, greedy, ids_request, make_engine, reference_greedy
 from tests.fixtures.tiny_models import build_tiny_gpt2, build_tiny_llama
 
@@ -201,6 +202,20 @@ def test_bfloat16_logprobs_stay_near_float32(model_dirs: dict[str, Path]) -> Non
     exact, low = torch.tensor(totals[torch.float32]), torch.tensor(totals[torch.bfloat16])
     assert (exact - low).abs().max() < 0.25
     assert abs(float(exact.sum() - low.sum())) < 0.01 * abs(float(exact.sum()))
+
+
+def test_bfloat16_model_and_kv_cache_sample_from_float32_logits(model_dirs: dict[str, Path]) -> None:
+    """bf16 weights and KV pool (dtype auto on CUDA, or on a bf16 CPU), float32 logits into the sampler."""
+    driver = make_engine(model_dirs["llama"], dtype=torch.bfloat16)
+    runner = driver.engine.runner  # type: ignore[attr-defined]
+    assert all(cache.dtype is torch.bfloat16 for pair in runner.kv_caches for cache in pair)
+    engine = driver.engine
+    engine.add_request("bf16", ids_request(encode(driver, PROMPTS[0]), greedy(2)))  # type: ignore[attr-defined]
+    batch = engine.scheduler.schedule()  # type: ignore[attr-defined]
+    logits = runner.execute(batch.entries)
+    assert logits.sample_logits is not None and logits.sample_logits.dtype is torch.float32
+    assert Settings(models={}, device="cuda").resolved_dtype("autoregressive") == "bfloat16"
+    assert Settings(models={}, device="cuda").resolved_dtype("diffusion") == "bfloat16"
 
 
 @pytest.mark.parametrize(("dtype", "atol"), LOGPROB_PRECISIONS, ids=["float32", "bfloat16"])

@@ -1,16 +1,22 @@
 """The flex attention backend (reads the KV pool in place) against the plain-torch reference (gathers it):
-the same attention output on mixed decode + prefill-chunk batches."""
+the same attention output on mixed decode + prefill-chunk batches, and the same greedy tokens end to end."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+from service.ar.cuda_graphs import DecodeGraphs
+from service.ar.loader import load_causal_lm
 from service.ar.models.attention import (
     ForwardBatch, SequenceSlice, build_forward_batch, paged_attention, resolve_attention_backend)
 from service.ar.models.flex_attention import QUERY_BLOCK, decode_batch_bucket
+from service.runtime.registry import ar_engine_config
+from service.settings import Settings
+from tests.ar_engine_helpers import PROMPTS, encode, greedy, ids_request, make_engine, reference_greedy
 
 # uncompiled flex on the CPU is the point of most of these tests
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -109,7 +115,69 @@ def test_decode_buckets_and_backend_choice() -> None:
     assert resolve_attention_backend("flex", CPU) == "flex"
 
 
+def test_attention_settings_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENSERVE_ATTENTION_BACKEND", "flex")
+    monkeypatch.setenv("GENSERVE_CUDA_GRAPHS", "false")
+    config = ar_engine_config(Settings(models={}))
+    assert (config.attention_backend, config.cuda_graphs) == ("flex", False)
+    monkeypatch.delenv("GENSERVE_ATTENTION_BACKEND")
+    monkeypatch.delenv("GENSERVE_CUDA_GRAPHS")
+    defaults = ar_engine_config(Settings(models={}))
+    assert (defaults.attention_backend, defaults.cuda_graphs) == ("auto", True)
+    with pytest.raises(ValueError):
+        Settings(models={}, attention_backend="triton")  # type: ignore[arg-type]
+
+
 def test_flex_batch_skips_the_gather_indices() -> None:
     batch: ForwardBatch = build_forward_batch(random_slices(random.Random(1), [9], [(0, 4)]), BLOCK_SIZE, CPU,
                                               "flex", NUM_POOL_BLOCKS)
     assert batch.flex is not None and batch.decode_kv_slots is None and batch.prefills == []
+
+
+def test_greedy_engine_with_flex_matches_torch_and_transformers(tiny_llama_dir: Path) -> None:
+    flex_driver = make_engine(tiny_llama_dir, attention_backend="flex", max_num_batched_tokens=24)
+    torch_driver = make_engine(tiny_llama_dir, attention_backend="torch", max_num_batched_tokens=24)
+    prompts = [encode(flex_driver, text) for text in PROMPTS]
+    # the shared first prompt makes the second request start from cached prefix blocks
+    prompts.append(prompts[1] + prompts[0])
+    flex_results = flex_driver.run([flex_driver.submit(ids_request(ids, greedy(10))) for ids in prompts])
+    torch_results = torch_driver.run([torch_driver.submit(ids_request(ids, greedy(10))) for ids in prompts])
+    assert [r.token_ids for r in flex_results] == [r.token_ids for r in torch_results]
+    assert list(flex_results[1].token_ids) == reference_greedy(tiny_llama_dir, prompts[1], 10)
+
+
+def test_decode_graph_buffers_reproduce_the_eager_decode(tiny_llama_dir: Path) -> None:
+    """What a CUDA graph reads (rows padded to the captured size, fixed-width block tables, the scratch
+    block), run uncompiled and uncaptured on the CPU: the eager step's hidden states, and the padding
+    rows write only into the scratch block."""
+    model = load_causal_lm(tiny_llama_dir, CPU, torch.float32).model
+    num_blocks = 40
+    kv_caches = [tuple(torch.zeros((num_blocks + 1) * BLOCK_SIZE, model.num_kv_heads, model.head_dim)
+                       for _ in range(2)) for _ in range(model.num_layers)]
+    graphs = DecodeGraphs(model, kv_caches, BLOCK_SIZE, num_blocks, max_batch_size=5, max_blocks_per_sequence=12,
+                          device=CPU)
+    assert graphs.sizes == [1, 2, 4, 8]
+    rng = random.Random(4)
+    blocks = rng.sample(range(num_blocks), num_blocks)
+    prompts = [[rng.randrange(model.vocab_size) for _ in range(length)] for length in (5, 16, 23)]
+    tables = [[blocks.pop() for _ in range(length // BLOCK_SIZE + 1)] for length in (5, 16, 23)]
+    with torch.inference_mode():
+        prefill = [SequenceSlice(ids, 0, table) for ids, table in zip(prompts, tables)]
+        model.forward(build_forward_batch(prefill, BLOCK_SIZE, CPU, "flex", num_blocks + 1), kv_caches)
+        decodes = [SequenceSlice([rng.randrange(model.vocab_size)], len(ids), table)
+                   for ids, table in zip(prompts, tables)]
+        eager = model.forward(build_forward_batch(decodes, BLOCK_SIZE, CPU, "flex", num_blocks + 1), kv_caches)
+        before = [cache.clone() for pair in kv_caches for cache in pair]
+        replayed = graphs.run_uncaptured(decodes)
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+    # the decode tokens' own slots are rewritten (equal up to the batch shape's rounding); the padding
+    # rows' go to the scratch block; nothing else changes
+    scratch_start = num_blocks * BLOCK_SIZE
+    decode_slots = [piece.block_table[piece.start_position // BLOCK_SIZE] * BLOCK_SIZE
+                    + piece.start_position % BLOCK_SIZE for piece in decodes]
+    untouched = torch.ones(scratch_start, dtype=torch.bool)
+    untouched[decode_slots] = False
+    for old, new in zip(before, (cache for pair in kv_caches for cache in pair)):
+        assert torch.equal(old[:scratch_start][untouched], new[:scratch_start][untouched])
+        torch.testing.assert_close(new[decode_slots], old[decode_slots], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(old[scratch_start:], new[scratch_start:])
