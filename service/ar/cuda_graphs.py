@@ -6,7 +6,7 @@ forward is captured once per batch size in ``capture_sizes`` over static input b
 positions, KV slots and the attention mask's inputs (block tables, query positions), so the block
 tables are graph inputs and not baked in. A step whose batch fits a captured size copies its inputs
 into the buffers, pads the rest of the rows and replays the smallest graph that holds it. Padding rows
-write their K/V into a scratch block at the end of the pool and attend to nothing, so they never touch
+write their K/V into a scratch block at the end of the pool and attend only to it, so they never touch
 a real sequence. Prefill, mixed and larger steps run eagerly.
 """
 
@@ -72,17 +72,17 @@ class DecodeGraphs:
                             decode_mask=None, prefills=[], query_lens=[1] * size, flex=flex)
 
     def _fill(self, slices: list[SequenceSlice], size: int) -> None:
-        padding = size - len(slices)
-        positions = [piece.start_position for piece in slices]
-        scratch_slot = self.scratch_block * self.block_size
+        # Padding rows are one-token sequences in the scratch block: they write and read only it, and
+        # no row is fully masked, so nothing non-finite can arise there.
+        padded = slices + [SequenceSlice([0], 0, [self.scratch_block])] * (size - len(slices))
+        positions = [piece.start_position for piece in padded]
         slots = [piece.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                 for piece, p in zip(slices, positions)]
-        host = torch.tensor([[piece.new_token_ids[0] for piece in slices] + [0] * padding,
-                             positions + [0] * padding, slots + [scratch_slot] * padding], dtype=torch.long)
+                 for piece, p in zip(padded, positions)]
+        host = torch.tensor([[piece.new_token_ids[0] for piece in padded], positions, slots], dtype=torch.long)
         self.input_ids[:size].copy_(host[0], non_blocking=True)
         self.positions[:size].copy_(host[1], non_blocking=True)
         self.slot_mapping[:size].copy_(host[2], non_blocking=True)
-        tensors = decode_mask_tensors([piece.block_table for piece in slices], positions, size, self.table_width,
+        tensors = decode_mask_tensors([piece.block_table for piece in padded], positions, size, self.table_width,
                                       self.block_size, self.num_pool_blocks)
         self.mask_inputs.fill(*(tensor.to(self.device, non_blocking=True) for tensor in tensors))
 
@@ -91,7 +91,7 @@ class DecodeGraphs:
         """Capture every size, largest first, into one memory pool (a step replays one graph at a time)."""
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            self._fill([], size)  # all rows padding: capture touches only the scratch block
+            self._fill([], size)  # all rows padding: capture writes only the scratch block
             batch = self._static_batch(size)
             # run on a side stream first: compiles this size's kernels and settles the allocator
             side_stream = torch.cuda.Stream()

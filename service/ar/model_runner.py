@@ -11,7 +11,7 @@ from service.ar.cuda_graphs import DecodeGraphs
 from service.ar.models.attention import AttentionBackendSetting, SequenceSlice, build_forward_batch, \
     resolve_attention_backend
 from service.ar.models.base import CausalLM
-from service.ar.models.flex_attention import check_flex_block_size
+from service.ar.models.flex_attention import flex_block_size_problem
 from service.ar.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,12 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.attention_backend = resolve_attention_backend(attention_backend, device)
-        if self.attention_backend == "flex":
-            check_flex_block_size(block_size, device)
+        problem = flex_block_size_problem(block_size, device) if self.attention_backend == "flex" else None
+        if problem is not None and attention_backend == "flex":
+            raise ValueError(problem)
+        if problem is not None:
+            logger.warning("%s; attention_backend auto falls back to torch", problem)
+            self.attention_backend = "torch"
         use_graphs = cuda_graphs and device.type == "cuda"
         if use_graphs and self.attention_backend != "flex":
             logger.info("CUDA graphs need the flex attention backend; decoding eagerly")

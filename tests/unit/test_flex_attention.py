@@ -13,7 +13,7 @@ from service.ar.cuda_graphs import DecodeGraphs
 from service.ar.loader import load_causal_lm
 from service.ar.models.attention import (
     ForwardBatch, SequenceSlice, build_forward_batch, paged_attention, resolve_attention_backend)
-from service.ar.models.flex_attention import QUERY_BLOCK, decode_batch_bucket
+from service.ar.models.flex_attention import QUERY_BLOCK, decode_batch_bucket, flex_block_size_problem
 from service.runtime.registry import ar_engine_config
 from service.settings import Settings
 from tests.ar_engine_helpers import PROMPTS, encode, greedy, ids_request, make_engine, reference_greedy
@@ -113,6 +113,10 @@ def test_decode_buckets_and_backend_choice() -> None:
     assert resolve_attention_backend("auto", CPU) == "torch"
     assert resolve_attention_backend("auto", torch.device("cuda")) == "flex"
     assert resolve_attention_backend("flex", CPU) == "flex"
+    cuda = torch.device("cuda")
+    assert flex_block_size_problem(16, cuda) is None and flex_block_size_problem(64, cuda) is None
+    assert flex_block_size_problem(8, cuda) is not None and flex_block_size_problem(24, cuda) is not None
+    assert flex_block_size_problem(8, CPU) is None
 
 
 def test_attention_settings_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:

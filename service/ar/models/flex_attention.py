@@ -37,10 +37,12 @@ def decode_batch_bucket(num_decodes: int) -> int:
     return 1 << max(0, num_decodes - 1).bit_length()
 
 
-def check_flex_block_size(block_size: int, device: torch.device) -> None:
-    """The CUDA kernels tile keys by powers of two of at least 16, and the KV block is one cache block."""
+def flex_block_size_problem(block_size: int, device: torch.device) -> str | None:
+    """Why ``block_size`` does not suit flex on ``device``, or None: the CUDA kernels tile keys by powers
+    of two of at least 16, and the block mask's KV block is one cache block."""
     if device.type == "cuda" and (block_size < 16 or block_size & (block_size - 1)):
-        raise ValueError(f"attention_backend flex on CUDA needs block_size a power of two >= 16, got {block_size}")
+        return f"attention_backend flex on CUDA needs block_size a power of two >= 16, got {block_size}"
+    return None
 
 
 class PoolMaskInputs:
