@@ -292,8 +292,24 @@ def test_missing_tensor_is_reported(model_dirs: dict[str, Path], tmp_path: Path)
     tensors = load_file(source / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     _copy_llama_with_tensors(source, tmp_path, tensors)
-    with pytest.raises(WeightLoadingError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+    # gate and up share one fused matmul: the message says which half the checkpoint had
+    with pytest.raises(WeightLoadingError, match=r"missing tensors: model\.layers\.1\.mlp\.gate_up_proj\.weight "
+                                                 r"\(only model\.layers\.1\.mlp\.gate_proj\.weight found\)"):
         load_causal_lm(tmp_path, CPU, torch.float32)
+    del tensors["model.layers.1.mlp.gate_proj.weight"]
+    _copy_llama_with_tensors(source, tmp_path, tensors)
+    with pytest.raises(WeightLoadingError, match=r"missing tensors: model\.layers\.1\.mlp\.gate_up_proj\.weight$"):
+        load_causal_lm(tmp_path, CPU, torch.float32)
+
+
+def test_a_fused_projection_is_filled_from_its_checkpoint_tensors_in_order(model_dirs: dict[str, Path]) -> None:
+    tensors = load_file(model_dirs["llama_mha"] / "model.safetensors")
+    model = load_causal_lm(model_dirs["llama_mha"], CPU, torch.float32).model
+    layer = model.model.layers[1]
+    expected_qkv = torch.cat([tensors[f"model.layers.1.self_attn.{name}.weight"] for name in ("q_proj", "k_proj", "v_proj")])
+    expected_gate_up = torch.cat([tensors[f"model.layers.1.mlp.{name}.weight"] for name in ("gate_proj", "up_proj")])
+    assert torch.equal(layer.self_attn.qkv_proj.weight, expected_qkv)
+    assert torch.equal(layer.mlp.gate_up_proj.weight, expected_gate_up)
 
 
 def test_unexpected_tensor_is_reported(model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -403,11 +419,11 @@ def _meta_llama(**overrides: Any) -> CausalLM:
 def test_config_options_shape_the_model() -> None:
     model = _meta_llama(num_key_value_heads=2, head_dim=16)
     assert (model.num_kv_heads, model.head_dim, model.num_layers, model.vocab_size) == (2, 16, 1, 100)
-    assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 32)
+    assert model.model.layers[0].self_attn.qkv_proj.weight.shape == (64 + 2 * 32, 32)  # q, k, v fused
 
     qwen2 = _meta_llama(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_key_value_heads=2)
     attention = qwen2.model.layers[0].self_attn
-    assert attention.q_proj.bias is not None and attention.o_proj.bias is None
+    assert attention.qkv_proj.bias is not None and attention.o_proj.bias is None
 
     mistral = _meta_llama(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=32)
     assert mistral.max_position_embeddings == 32  # sliding window not implemented: context capped

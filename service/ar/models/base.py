@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,6 +13,15 @@ from service.ar.models.attention import ForwardBatch
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache), each [num_slots, kv_heads, head_dim]
 
 _MAX_NAMES_IN_ERROR = 10
+
+
+@dataclass(frozen=True)
+class ParameterRows:
+    """A checkpoint tensor that fills rows ``start:start + len(tensor)`` of a fused parameter
+    (q, k and v of one layer stacked in ``qkv_proj``; gate and up in ``gate_up_proj``)."""
+
+    name: str
+    start: int
 
 
 class UnsupportedModelError(ValueError):
@@ -43,33 +53,40 @@ class CausalLM(nn.Module):
         """Project hidden states [N, hidden] to float32 logits [N, vocab]."""
         raise NotImplementedError
 
-    def parameter_name_for(self, checkpoint_name: str) -> str | None:
-        """Map a checkpoint tensor name to our parameter name; ``None`` skips the tensor."""
+    def parameter_name_for(self, checkpoint_name: str) -> str | ParameterRows | None:
+        """Map a checkpoint tensor name to our parameter name (or rows of a fused one); ``None`` skips it."""
         return checkpoint_name
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors into the parameters, checking names and shapes."""
+        """Copy checkpoint tensors into the parameters, checking names, shapes and that every row is filled."""
         parameters = dict(self.named_parameters(remove_duplicate=False))
-        loaded_ids: set[int] = set()
+        rows_loaded: dict[int, int] = {}  # id(parameter) -> rows filled so far
+        sources: dict[int, list[str]] = {}  # id(parameter) -> the checkpoint tensors that filled it
         unexpected: list[str] = []
         for checkpoint_name, tensor in weights:
-            name = self.parameter_name_for(checkpoint_name)
-            if name is None:
+            target = self.parameter_name_for(checkpoint_name)
+            if target is None:
                 continue
+            name, start = (target.name, target.start) if isinstance(target, ParameterRows) else (target, None)
             parameter = parameters.get(name)
             if parameter is None:
                 unexpected.append(checkpoint_name)
                 continue
-            if parameter.shape != tensor.shape:
+            destination = parameter if start is None else parameter[start:start + tensor.shape[0]]
+            if destination.shape != tensor.shape:
+                where = name if start is None else f"{name}[{start}:{start + tensor.shape[0]}]"
                 raise WeightLoadingError(
                     f"tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, "
-                    f"but parameter {name!r} expects {tuple(parameter.shape)}"
+                    f"but parameter {where!r} expects {tuple(destination.shape)}"
                 )
-            parameter.copy_(tensor)
-            loaded_ids.add(id(parameter))
+            destination.copy_(tensor)
+            rows_loaded[id(parameter)] = rows_loaded.get(id(parameter), 0) + _rows(tensor)
+            sources.setdefault(id(parameter), []).append(checkpoint_name)
         # named_parameters() yields a tied parameter once, so a tied lm_head is not required.
-        missing = [name for name, parameter in self.named_parameters() if id(parameter) not in loaded_ids]
+        missing = [name if id(parameter) not in sources else f"{name} (only {', '.join(sources[id(parameter)])} found)"
+                   for name, parameter in self.named_parameters()
+                   if rows_loaded.get(id(parameter), 0) < _rows(parameter)]
         problems = []
         if missing:
             problems.append(f"missing tensors: {_shorten(missing)}")
@@ -79,6 +96,10 @@ class CausalLM(nn.Module):
             raise WeightLoadingError(
                 f"{type(self).__name__}: checkpoint does not match the model; " + "; ".join(problems)
             )
+
+
+def _rows(tensor: torch.Tensor) -> int:
+    return tensor.shape[0] if tensor.dim() else 1
 
 
 def _shorten(names: list[str]) -> str:

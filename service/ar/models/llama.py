@@ -9,6 +9,7 @@ windowed attention agree.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from service.ar.models.attention import ForwardBatch, paged_attention
-from service.ar.models.base import CausalLM, KVCache, UnsupportedModelError
+from service.ar.models.base import CausalLM, KVCache, ParameterRows, UnsupportedModelError
 from service.ar.models.layers import (
     Embedding,
     GatedMLP,
@@ -106,9 +107,9 @@ class LlamaAttention(nn.Module):
         self.scale = settings.head_dim**-0.5
         query_size = settings.num_heads * settings.head_dim
         kv_size = settings.num_kv_heads * settings.head_dim
-        self.q_proj = Linear(settings.hidden_size, query_size, settings.qkv_bias, device, dtype)
-        self.k_proj = Linear(settings.hidden_size, kv_size, settings.qkv_bias, device, dtype)
-        self.v_proj = Linear(settings.hidden_size, kv_size, settings.qkv_bias, device, dtype)
+        self.qkv_sizes = [query_size, kv_size, kv_size]
+        # q, k and v as one matmul (the checkpoint's q_proj/k_proj/v_proj fill its rows in that order)
+        self.qkv_proj = Linear(settings.hidden_size, sum(self.qkv_sizes), settings.qkv_bias, device, dtype)
         self.o_proj = Linear(query_size, settings.hidden_size, settings.output_bias, device, dtype)
 
     def forward(
@@ -120,9 +121,10 @@ class LlamaAttention(nn.Module):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        key = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key, value = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query = RotaryEmbedding.apply(query, cos, sin)
         key = RotaryEmbedding.apply(key, cos, sin)
         key_cache, value_cache = kv_cache
@@ -137,7 +139,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(settings, device, dtype)
         self.post_attention_layernorm = RMSNorm(settings.hidden_size, settings.rms_norm_eps, device, dtype)
         self.mlp = GatedMLP(
-            settings.hidden_size, settings.intermediate_size, settings.hidden_act, settings.mlp_bias, device, dtype
+            settings.hidden_size, settings.intermediate_size, settings.hidden_act, settings.mlp_bias, device, dtype,
+            fused=True,
         )
 
     def forward(
@@ -197,9 +200,24 @@ class LlamaForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def parameter_name_for(self, checkpoint_name: str) -> str | None:
+    def parameter_name_for(self, checkpoint_name: str) -> str | ParameterRows | None:
         if checkpoint_name.endswith("rotary_emb.inv_freq"):  # buffer saved by old checkpoints
             return None
         if self.settings.tie_word_embeddings and checkpoint_name == "lm_head.weight":
             return None  # tied: the embedding is authoritative, as in transformers
+        module, _, leaf = checkpoint_name.rpartition(".")  # leaf: weight or bias
+        parent, _, projection = module.rpartition(".")
+        if projection in _FUSED_ROWS:
+            fused_name, first_row = _FUSED_ROWS[projection](self.settings)
+            return ParameterRows(f"{parent}.{fused_name}.{leaf}", first_row)
         return checkpoint_name
+
+
+# checkpoint projection -> (our fused projection, its first row)
+_FUSED_ROWS: dict[str, Callable[[LlamaSettings], tuple[str, int]]] = {
+    "q_proj": lambda s: ("qkv_proj", 0),
+    "k_proj": lambda s: ("qkv_proj", s.num_heads * s.head_dim),
+    "v_proj": lambda s: ("qkv_proj", (s.num_heads + s.num_kv_heads) * s.head_dim),
+    "gate_proj": lambda s: ("gate_up_proj", 0),
+    "up_proj": lambda s: ("gate_up_proj", s.intermediate_size),
+}
