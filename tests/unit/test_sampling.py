@@ -262,6 +262,9 @@ def test_output_penalties_subtract_frequency_times_count_plus_presence_from_outp
     unchanged = logits.clone()
     _apply_output_penalties(unchanged, [0], [params], [[]])
     assert torch.equal(unchanged, logits)
+    two_rows = torch.zeros(2, 3)
+    _apply_output_penalties(two_rows, [0, 1], [params, params], [[], [2]])  # a row with no output yet goes first
+    assert two_rows.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, -0.75]]
 
 
 def test_sample_applies_output_penalties_after_the_prompt_and_to_the_named_rows_only() -> None:

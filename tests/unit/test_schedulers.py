@@ -565,3 +565,28 @@ def test_a_bfloat16_rows_result_does_not_depend_on_its_batch_mates() -> None:
     alone = schedule.step(model_output[:1], x[:1], [noisy_state()]).prev_sample
     batched = schedule.step(model_output, x, [noisy_state(), quiet]).prev_sample
     assert batched.dtype == torch.bfloat16 and torch.equal(batched[:1], alone)
+
+
+def test_a_mixed_batch_gives_each_row_the_x0_estimate_it_gets_alone() -> None:
+    schedule = NoiseSchedule.from_config(CONFIGS["sd_scaled_linear_leading"])
+    rows_spec = [(SamplerKind.DDIM, 10, 0.0), (SamplerKind.EULER, 8, 0.0), (SamplerKind.DDPM, 6, 0.0)]
+
+    def fresh(index: int) -> tuple[SamplerState, torch.Tensor]:
+        kind, num_steps, eta = rows_spec[index]
+        state = schedule.new_state(kind, num_steps, eta=eta, generator=torch.Generator().manual_seed(index))
+        return state, torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(50 + index)) * state.init_noise_sigma
+
+    alone = []
+    for index in range(len(rows_spec)):
+        state, x = fresh(index)
+        output = schedule.step(fake_model(schedule.scale_model_input(x, [state]), state.timestep), x, [state])
+        alone.append(output.pred_original_sample)
+    pairs = [fresh(index) for index in range(len(rows_spec))]
+    states = [state for state, _ in pairs]
+    x = torch.cat([sample for _, sample in pairs])
+    rows = schedule.gather_rows(states)
+    assert len(rows.row_indices_by_kind) == 3
+    output = schedule.step_rows(fake_model(schedule.scale_model_input(x, rows), rows.timestep), x, rows)
+    assert output.pred_original_sample is not None and output.pred_original_sample.dtype == torch.float32
+    for index, expected in enumerate(alone):
+        torch.testing.assert_close(output.pred_original_sample[index:index + 1], expected)

@@ -215,6 +215,30 @@ def test_error_response_counts_rejections_and_hides_internal_details(caplog: pyt
     assert "X-Error-Id" not in unavailable.headers
 
 
+def test_every_5xx_internal_or_engine_error_is_hidden_behind_an_id_in_the_routes_shape(
+        caplog: pytest.LogCaptureFixture) -> None:
+    long_detail = "d" * 1500
+    with caplog.at_level(logging.ERROR, logger=api_errors.__name__):
+        internal = error_response(500, "internal_error", long_detail)
+        openai_engine = error_response(502, "engine_error", "boom", openai=True)
+    assert json.loads(internal.body)["error"]["type"] == "internal_error"
+    assert long_detail not in internal.body.decode()
+    assert caplog.records[0].getMessage() == f"internal error {internal.headers['X-Error-Id']}: {long_detail}"
+    assert json.loads(openai_engine.body)["error"]["type"] == "server_error"
+    assert json.loads(openai_engine.body)["error"]["code"] == "internal_error"
+    plain = api_errors.internal_error_response("err-1")
+    assert json.loads(plain.body) == {
+        "error": {"type": "internal_error", "message": "internal error (id err-1); the server log has the details"}}
+
+
+def test_every_4xx_counts_as_a_rejection_and_below_400_nothing_does() -> None:
+    before = {status: rejections(status) for status in ("400", "399")}
+    error_response(400, "bad_request", "no")
+    error_response(399, "odd", "not an error status")
+    assert rejections("400") == before["400"] + 1
+    assert rejections("399") == before["399"]
+
+
 def test_describe_validation_errors_names_fields_without_the_body_prefix() -> None:
     message, param = describe_validation_errors([
         {"loc": ("body", "sampling", "top_p"), "msg": "must be <= 1"}, {"loc": ("body",), "msg": "bad json"},
