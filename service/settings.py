@@ -48,7 +48,8 @@ PinSetting = Literal["auto", "true", "false"]
 # front end) costs about 0.1-0.2 ms; 50 MFLOP is 0.3-0.6 ms of one core's matmul throughput, so above
 # it a second compute core gains more than the front end's own core would. Measured on the benchmark
 # models: 5 M-parameter Llama ~8 MFLOP/token (pinned wins), 1.1 M-parameter 16x16 UNet ~123 MFLOP/row
-# and 108 M-parameter Llama ~210 MFLOP/token (all cores win).
+# (all cores win at 32 streams). Autoregressive models are pinned whatever their cost (plan_cpu_use):
+# the 108 M-parameter Llama (~210 MFLOP/token) ran 1.2-1.4x faster pinned on one core than on both.
 COMPUTE_BOUND_FLOPS_PER_ROW = 50e6
 
 
@@ -64,16 +65,20 @@ class CpuPlan:
 
 
 def plan_cpu_use(usable_cpus: int, flops_per_row: float | None, cpu_threads: int = 0,
-                 pin_cpus: PinSetting = "auto") -> CpuPlan:
+                 pin_cpus: PinSetting = "auto", streams_tokens: bool = False) -> CpuPlan:
     """The engine core's CPU policy. ``flops_per_row`` is the model work per batch row measured at
-    warm-up (None before it: treated as small). Small models are bound by Python overhead: the core
-    keeps to all CPUs but the last, which the HTTP front end needs. Compute-bound models get every CPU.
+    warm-up (None before it: treated as small). The core keeps to all CPUs but the last, which the
+    HTTP front end needs, when the models are small (bound by Python overhead) or when an
+    autoregressive model is served (``streams_tokens``: one SSE event per request per step, so the
+    front end is busy all the time, and a compute thread sharing its core stalls every parallel
+    region). Only compute-bound models that stream no tokens (diffusion) get every CPU.
     ``cpu_threads`` (> 0) and ``pin_cpus`` ("true"/"false") override the automatic choice."""
     usable_cpus = max(1, usable_cpus)
     compute_bound = flops_per_row is not None and flops_per_row >= COMPUTE_BOUND_FLOPS_PER_ROW
-    pinned = usable_cpus >= 2 and (pin_cpus == "true" or (pin_cpus == "auto" and not compute_bound))
+    every_cpu = compute_bound and not streams_tokens
+    pinned = usable_cpus >= 2 and (pin_cpus == "true" or (pin_cpus == "auto" and not every_cpu))
     engine_cpus = usable_cpus - 1 if pinned else usable_cpus
-    automatic_threads = usable_cpus if compute_bound else max(1, usable_cpus - 1)
+    automatic_threads = usable_cpus if every_cpu else max(1, usable_cpus - 1)
     threads = cpu_threads or min(engine_cpus, automatic_threads)
     return CpuPlan(engine_cpus=engine_cpus, pinned=pinned, threads=threads, compute_bound=compute_bound)
 
@@ -111,7 +116,7 @@ class Settings(BaseSettings):
                              "for compute-bound models, else one per core minus the HTTP side's)")
     pin_cpus: PinSetting = Field("auto", description="on a CPU device with 2+ cores: true = pin the engine core "
                                  "to all cores but the last (the HTTP front end's); false = pin nothing; auto = "
-                                 "pin unless the model is compute bound (measured at warm-up)")
+                                 "pin unless every model is a compute-bound diffusion model (measured at warm-up)")
     # Sharing one device (runtime/worker.py): steps each engine runs per round-robin cycle while busy
     ar_steps_per_cycle: int = Field(1, ge=1, description="AR steps per device-loop cycle")
     diffusion_steps_per_cycle: int = Field(1, ge=1, description="diffusion steps per device-loop cycle")
@@ -227,9 +232,9 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def cpu_plan(self, flops_per_row: float | None) -> CpuPlan:
+    def cpu_plan(self, flops_per_row: float | None, streams_tokens: bool = False) -> CpuPlan:
         return plan_cpu_use(min(len(self._usable_cpu_ids), self._usable_cpu_count), flops_per_row, self.cpu_threads,
-                            self.pin_cpus)
+                            self.pin_cpus, streams_tokens)
 
     def resolved_cpu_threads(self) -> int:
         """Threads before the model's cost is known (loading and the first warm-up)."""

@@ -120,11 +120,11 @@ def warm_up_counting_flops(engine: Engine) -> float:
     return counter.get_total_flops() / max(1, rows)
 
 
-def apply_cpu_plan(settings: Settings, flops_per_row: float) -> bool:
+def apply_cpu_plan(settings: Settings, flops_per_row: float, streams_tokens: bool) -> bool:
     """Re-pin and re-size the core for the measured model cost (settings.plan_cpu_use); True if it changed."""
     import torch
 
-    plan = settings.cpu_plan(flops_per_row)
+    plan = settings.cpu_plan(flops_per_row, streams_tokens)
     can_pin = hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")
     cpus = settings.engine_cpus(plan)
     before = (os.sched_getaffinity(0) if can_pin else cpus, torch.get_num_threads())
@@ -135,7 +135,8 @@ def apply_cpu_plan(settings: Settings, flops_per_row: float) -> bool:
                 os.sched_setaffinity(int(thread_id), cpus)
     torch.set_num_threads(plan.threads)
     logger.info(json.dumps({"event": "cpu_plan", "flops_per_row": round(flops_per_row), "threads": plan.threads,
-                            "pinned": plan.pinned, "cpus": sorted(cpus), "compute_bound": plan.compute_bound}))
+                            "pinned": plan.pinned, "cpus": sorted(cpus), "compute_bound": plan.compute_bound,
+                            "streams_tokens": streams_tokens}))
     return before != (cpus, plan.threads)
 
 
@@ -158,7 +159,8 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
         engines, infos = load_engines(settings)
         if settings.resolved_device() == "cpu":
             flops_per_row = max((warm_up_counting_flops(engine) for engine in engines), default=0.0)
-            if apply_cpu_plan(settings, flops_per_row):
+            streams_tokens = any(engine.paradigm == "autoregressive" for engine in engines)
+            if apply_cpu_plan(settings, flops_per_row, streams_tokens):
                 for engine in engines:  # start the resized thread pool before traffic does
                     warm_up(engine)
         else:

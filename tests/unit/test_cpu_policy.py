@@ -31,6 +31,16 @@ def test_compute_bound_models_get_every_cpu() -> None:
     assert plan_cpu_use(16, COMPUTE_BOUND_FLOPS_PER_ROW).threads == 16
 
 
+def test_autoregressive_models_keep_the_last_cpu_for_the_front_end_whatever_their_cost() -> None:
+    assert plan_cpu_use(2, LARGE, streams_tokens=True) == CpuPlan(engine_cpus=1, pinned=True, threads=1,
+                                                                  compute_bound=True)
+    assert plan_cpu_use(8, LARGE, streams_tokens=True) == CpuPlan(engine_cpus=7, pinned=True, threads=7,
+                                                                  compute_bound=True)
+    assert plan_cpu_use(2, SMALL, streams_tokens=True) == plan_cpu_use(2, SMALL)
+    assert plan_cpu_use(1, LARGE, streams_tokens=True).pinned is False
+    assert plan_cpu_use(4, LARGE, pin_cpus="false", streams_tokens=True).engine_cpus == 4
+
+
 def test_one_cpu_is_never_pinned() -> None:
     for cost in (SMALL, LARGE):
         assert plan_cpu_use(1, cost) == CpuPlan(engine_cpus=1, pinned=False, threads=1,
