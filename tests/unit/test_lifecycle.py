@@ -61,6 +61,13 @@ class Harness:
     def outputs(self, request_id: str) -> list[RequestOutput]:
         return [output for batch in self.emitted for output in batch if output.request_id == request_id]
 
+    def has_finished(self, request_id: str) -> bool:
+        return any(output.finished for output in self.outputs(request_id))
+
+    def step_at(self, clock: ManualClock, now: float) -> None:
+        clock.now = now
+        self.served.step()
+
     def final(self, request_id: str) -> RequestOutput:
         finished = [output for output in self.outputs(request_id) if output.finished]
         assert len(finished) == 1, f"{request_id}: {len(finished)} final outputs"
@@ -168,16 +175,14 @@ def test_a_deadline_ends_the_request_at_exactly_its_time(model_dir: Path, clock:
     harness = Harness(model_dir)
     request_id = harness.submit(max_tokens=50, timeout_s=2.0)
     untimed = harness.submit(max_tokens=50)
-    clock.now = 101.0
-    harness.served.step()
-    assert not any(output.finished for output in harness.outputs(request_id))
-    clock.now = 102.0
-    harness.served.step()
+    harness.step_at(clock, 101.0)
+    assert not harness.has_finished(request_id)
+    harness.step_at(clock, 102.0)
     final = harness.final(request_id)
     assert final.result.finish_reason == "timeout"  # type: ignore[union-attr]
     assert final.timings.total_s == 2.0  # type: ignore[union-attr]
     assert harness.sample("genserve_requests_total", outcome="timeout") == 1
-    assert not any(output.finished for output in harness.outputs(untimed))
+    assert not harness.has_finished(untimed)
     assert harness.engine.running_request_ids() == [untimed]
     assert harness.served.num_requests == 1
 
@@ -188,16 +193,14 @@ def test_a_request_not_started_within_its_queue_wait_ends_with_a_timeout_error(
     running = harness.submit(max_tokens=50, max_queue_wait_s=1.0)  # starts in the first step
     waiting = harness.submit(max_tokens=50, max_queue_wait_s=1.0)
     harness.served.step()
-    clock.now = 100.999
-    harness.served.step()
-    assert not any(output.finished for output in harness.outputs(waiting))
-    clock.now = 101.0
-    harness.served.step()
+    harness.step_at(clock, 100.999)
+    assert not harness.has_finished(waiting)
+    harness.step_at(clock, 101.0)
     final = harness.final(waiting)
     assert isinstance(final.result, TextResult)
     assert final.result.finish_reason == "error" and isinstance(final.result.error, RequestTimedOut)
     assert str(final.result.error) == "the request did not start within the queue-wait bound; retry later"
-    assert not any(output.finished for output in harness.outputs(running))  # started in time: it goes on
+    assert not harness.has_finished(running)  # started in time: it goes on
     assert harness.engine.num_waiting == 0
 
 
