@@ -120,6 +120,13 @@ def warm_up_counting_flops(engine: Engine) -> float:
     return counter.get_total_flops() / max(1, rows)
 
 
+def measure_cpu_cost(engines: list[Engine]) -> tuple[float, bool]:
+    """Warm every engine up under the FLOP counter: the most expensive FLOPs per batch row, and whether
+    any engine streams tokens (autoregressive), the two inputs of the CPU plan."""
+    flops_per_row = max((warm_up_counting_flops(engine) for engine in engines), default=0.0)
+    return flops_per_row, any(engine.paradigm == "autoregressive" for engine in engines)
+
+
 def apply_cpu_plan(settings: Settings, flops_per_row: float, streams_tokens: bool) -> bool:
     """Re-pin and re-size the core for the measured model cost (settings.plan_cpu_use); True if it changed."""
     import torch
@@ -158,9 +165,7 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     try:
         engines, infos = load_engines(settings)
         if settings.resolved_device() == "cpu":
-            flops_per_row = max((warm_up_counting_flops(engine) for engine in engines), default=0.0)
-            streams_tokens = any(engine.paradigm == "autoregressive" for engine in engines)
-            if apply_cpu_plan(settings, flops_per_row, streams_tokens):
+            if apply_cpu_plan(settings, *measure_cpu_cost(engines)):
                 for engine in engines:  # start the resized thread pool before traffic does
                     warm_up(engine)
         else:

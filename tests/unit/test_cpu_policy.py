@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.runtime.engine_core import warm_up_counting_flops
+from service.runtime.engine_core import measure_cpu_cost, warm_up_counting_flops
 from service.runtime.registry import build_engine
 from service.settings import COMPUTE_BOUND_FLOPS_PER_ROW, CpuPlan, Settings, plan_cpu_use
 from tests.fixtures.tiny_diffusion import build_tiny_digits
@@ -88,3 +88,10 @@ def test_warm_up_measures_flops_per_row_of_each_paradigm(tmp_path: Path) -> None
     assert 1.0 * linear_weights < per_token < 2.5 * linear_weights
     digits = build_engine("digits", build_tiny_digits(tmp_path / "digits"), settings)
     assert warm_up_counting_flops(digits) > 0
+    # the plan's inputs: the dearest model decides the cost; any AR model streams tokens
+    digits_cost, digits_streams = measure_cpu_cost([digits])
+    assert digits_cost > 0 and digits_streams is False
+    both_cost, both_streams = measure_cpu_cost([llama, digits])
+    assert both_cost == pytest.approx(max(digits_cost, warm_up_counting_flops(llama)), rel=0.01)
+    assert both_streams is True
+    assert measure_cpu_cost([]) == (0.0, False)
