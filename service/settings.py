@@ -49,7 +49,7 @@ PinSetting = Literal["auto", "true", "false"]
 # it a second compute core gains more than the front end's own core would. Measured on the benchmark
 # models: 5 M-parameter Llama ~8 MFLOP/token (pinned wins), 1.1 M-parameter 16x16 UNet ~123 MFLOP/row
 # (all cores win at 32 streams). Autoregressive models are pinned whatever their cost (plan_cpu_use):
-# the 108 M-parameter Llama (~210 MFLOP/token) ran 1.2-1.4x faster pinned on one core than on both.
+# the 108 M-parameter Llama (~210 MFLOP/token) ran 1.2-1.6x faster pinned on one core than on both.
 COMPUTE_BOUND_FLOPS_PER_ROW = 50e6
 
 

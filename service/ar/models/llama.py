@@ -9,7 +9,6 @@ windowed attention agree.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +174,11 @@ class LlamaForCausalLM(CausalLM):
                 f"num_key_value_heads ({settings.num_kv_heads})"
             )
         self.settings = settings
+        query_rows, kv_rows = settings.num_heads * settings.head_dim, settings.num_kv_heads * settings.head_dim
+        # checkpoint projection -> (our fused projection, its first row)
+        self._fused_rows = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", query_rows),
+                            "v_proj": ("qkv_proj", query_rows + kv_rows),
+                            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", settings.intermediate_size)}
         self.num_layers = settings.num_layers
         self.num_kv_heads = settings.num_kv_heads
         self.head_dim = settings.head_dim
@@ -207,17 +211,7 @@ class LlamaForCausalLM(CausalLM):
             return None  # tied: the embedding is authoritative, as in transformers
         module, _, leaf = checkpoint_name.rpartition(".")  # leaf: weight or bias
         parent, _, projection = module.rpartition(".")
-        if projection in _FUSED_ROWS:
-            fused_name, first_row = _FUSED_ROWS[projection](self.settings)
+        if projection in self._fused_rows:
+            fused_name, first_row = self._fused_rows[projection]
             return ParameterRows(f"{parent}.{fused_name}.{leaf}", first_row)
         return checkpoint_name
-
-
-# checkpoint projection -> (our fused projection, its first row)
-_FUSED_ROWS: dict[str, Callable[[LlamaSettings], tuple[str, int]]] = {
-    "q_proj": lambda s: ("qkv_proj", 0),
-    "k_proj": lambda s: ("qkv_proj", s.num_heads * s.head_dim),
-    "v_proj": lambda s: ("qkv_proj", (s.num_heads + s.num_kv_heads) * s.head_dim),
-    "gate_proj": lambda s: ("gate_up_proj", 0),
-    "up_proj": lambda s: ("gate_up_proj", s.intermediate_size),
-}
