@@ -4,6 +4,7 @@
   genserve            `python -m service --model bench=PATH ...` with default CPU settings (/generate API)
   genserve-pinned     the same with `--pin-cpus true --cpu-threads N-1` (engine core off the front end's core)
   genserve-all-cores  the same with `--pin-cpus false --cpu-threads N`
+  genserve-plain-weights  the same with `--no-prepack-cpu-weights` (F.linear on plain weights, as the limit)
   raw                 genserve's engine in-process, no HTTP (`loadtest.benchmarks.raw_ar.run_raw`)
   matmul-limit        tokens/s if a step cost only its matmuls: plain `F.linear` over the model's weight
                       shapes at batch = concurrency, same dtype, all cores (the ratio genserve/matmul-limit
@@ -42,7 +43,8 @@ from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_
 from loadtest.clients.loadgen import ApiKind, LoadResult, build_prompt, run_load
 from loadtest.benchmarks.make_bench_model import DEFAULT_SHAPE_DIRS
 
-SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "raw", "matmul-limit")
+SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "genserve-plain-weights", "raw",
+           "matmul-limit")
 DEFAULT_SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "matmul-limit")
 GENSERVE_MODEL_NAME = "bench"
 DEFAULT_JSON_OUT = {"5m": Path("docs/bench_ar.json"), "108m": Path("docs/bench_ar_108m.json")}
@@ -166,6 +168,7 @@ GENSERVE_VARIANTS: dict[str, Callable[[int], list[str]]] = {
     "genserve": lambda cpus: [],
     "genserve-pinned": lambda cpus: ["--pin-cpus", "true", "--cpu-threads", str(max(1, cpus - 1))],
     "genserve-all-cores": lambda cpus: ["--pin-cpus", "false", "--cpu-threads", str(cpus)],
+    "genserve-plain-weights": lambda cpus: ["--no-prepack-cpu-weights"],
 }
 
 

@@ -41,6 +41,7 @@ class AREngineConfig:
     max_model_len: int
     attention_backend: AttentionBackendSetting = "auto"
     cuda_graphs: bool = True  # effective on CUDA with the flex backend only
+    prepack_cpu_weights: bool = True  # effective on a CPU in bfloat16 only
 
 
 class AREngine:
@@ -61,7 +62,7 @@ class AREngine:
                                    max(config.max_num_batched_tokens, config.max_batch_size))
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, device, dtype,
                                   config.attention_backend, config.cuda_graphs, config.max_batch_size,
-                                  self.max_model_len)
+                                  self.max_model_len, config.prepack_cpu_weights)
         self._sequences: dict[str, Sequence] = {}
         self._pending_stats = StepStats()  # what happened between steps (admissions), reported with the next
 

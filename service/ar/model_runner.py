@@ -12,6 +12,7 @@ from service.ar.models.attention import AttentionBackendSetting, SequenceSlice, 
     resolve_attention_backend
 from service.ar.models.base import CausalLM
 from service.ar.models.flex_attention import flex_block_size_problem
+from service.ar.models.layers import can_prepack_linears, prepack_linears
 from service.ar.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -29,9 +30,12 @@ class StepLogits:
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, attention_backend: AttentionBackendSetting = "torch",
-                 cuda_graphs: bool = False, max_batch_size: int = 1, max_model_len: int = 1) -> None:
+                 cuda_graphs: bool = False, max_batch_size: int = 1, max_model_len: int = 1,
+                 prepack_cpu_weights: bool = False) -> None:
         """``num_blocks`` are the KV-cache manager's blocks; CUDA graphs add one scratch block after them."""
         self.model = model
+        self.prepacked_linears = prepack_linears(model) if prepack_cpu_weights and can_prepack_linears(device, dtype) \
+            else 0
         self.block_size = block_size
         self.device = device
         self.attention_backend = resolve_attention_backend(attention_backend, device)

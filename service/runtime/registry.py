@@ -53,7 +53,8 @@ def ar_engine_config(settings: Settings) -> AREngineConfig:
         max_batch_size=settings.max_batch_size, kv_cache_tokens=settings.kv_cache_tokens,
         block_size=settings.block_size, max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_prefix_caching=settings.enable_prefix_caching, max_model_len=settings.max_model_len,
-        attention_backend=settings.attention_backend, cuda_graphs=settings.cuda_graphs)
+        attention_backend=settings.attention_backend, cuda_graphs=settings.cuda_graphs,
+        prepack_cpu_weights=settings.prepack_cpu_weights)
 
 
 def diffusion_engine_config(settings: Settings) -> DiffusionEngineConfig:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
+from service.ar.models.layers import Linear, can_prepack_linears
 from service.ar.params import SamplingParams
 from service.common.errors import PromptTooLong, QueueFull
 from service.settings import Settings
@@ -266,3 +268,52 @@ def test_an_out_of_memory_step_fails_its_requests_frees_them_and_halves_the_batc
             break
         worker.run_cycle()
     assert driver.result(after).finish_reason == "length"
+
+
+needs_prepacking = pytest.mark.skipif(not can_prepack_linears(torch.device("cpu"), torch.bfloat16),
+                                      reason="needs oneDNN with native bf16 on this CPU")
+
+
+@needs_prepacking
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_prepacked_weights_compute_exactly_what_plain_ones_do(tmp_path: Path, tie: bool) -> None:
+    """oneDNN's blocked bf16 weights (the CPU bf16 default) change speed only: every logit is bit-equal
+    to the plain-weight model's, the plain copies are freed, and a tied embedding keeps its matrix."""
+    folder = build_tiny_llama(tmp_path / "model", num_heads=4, num_kv_heads=2, tie=tie)
+    drivers = [make_engine(folder, dtype=torch.bfloat16, prepack_cpu_weights=packed) for packed in (False, True)]
+    plain, packed = (driver.engine.runner for driver in drivers)  # type: ignore[attr-defined]
+    linears = [module for module in packed.model.modules() if isinstance(module, Linear)]
+    assert plain.prepacked_linears == 0 and packed.prepacked_linears == len(linears) == 4 * 2 + 1
+    assert all(linear.packed_weight is not None for linear in linears)
+    lm_head = packed.model.lm_head
+    assert [linear is lm_head for linear in linears if linear.weight is not None] == ([True] if tie else [])
+    if tie:
+        assert lm_head.weight is packed.model.model.embed_tokens.weight
+
+    logits = []
+    for driver in drivers:
+        engine = driver.engine
+        for number, prompt in enumerate(PROMPTS):
+            engine.add_request(f"r{number}", ids_request(encode(driver, prompt), greedy(2)))  # type: ignore[attr-defined]
+        logits.append(engine.runner.execute(engine.scheduler.schedule().entries).sample_logits)  # type: ignore[attr-defined]
+    assert logits[0] is not None and logits[0].shape[0] == len(PROMPTS)
+    assert torch.equal(logits[0], logits[1])
+
+
+@needs_prepacking
+def test_flop_counter_counts_prepacked_matmuls(model_dirs: dict[str, Path]) -> None:
+    """The CPU plan weighs models by the FLOPs their warm-up counts: prepacking must not hide them."""
+    counted = []
+    for packed in (False, True):
+        driver = make_engine(model_dirs["gqa"], dtype=torch.bfloat16, prepack_cpu_weights=packed)
+        driver.submit(ids_request(encode(driver, PROMPTS[1]), greedy(1)))
+        with FlopCounterMode(display=False) as counter:
+            driver.step()
+        counted.append(counter.get_total_flops())
+    assert counted[0] > 0 and counted[1] == counted[0]
+
+
+def test_prepacking_is_for_bfloat16_on_a_cpu_only() -> None:
+    assert not can_prepack_linears(torch.device("cpu"), torch.float32)
+    assert not can_prepack_linears(torch.device("cuda"), torch.bfloat16)
+    assert not can_prepack_linears(torch.device("meta"), torch.bfloat16)

@@ -122,12 +122,13 @@ def test_decode_buckets_and_backend_choice() -> None:
 def test_attention_settings_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GENSERVE_ATTENTION_BACKEND", "flex")
     monkeypatch.setenv("GENSERVE_CUDA_GRAPHS", "false")
+    monkeypatch.setenv("GENSERVE_PREPACK_CPU_WEIGHTS", "false")
     config = ar_engine_config(Settings(models={}))
-    assert (config.attention_backend, config.cuda_graphs) == ("flex", False)
-    monkeypatch.delenv("GENSERVE_ATTENTION_BACKEND")
-    monkeypatch.delenv("GENSERVE_CUDA_GRAPHS")
+    assert (config.attention_backend, config.cuda_graphs, config.prepack_cpu_weights) == ("flex", False, False)
+    for name in ("GENSERVE_ATTENTION_BACKEND", "GENSERVE_CUDA_GRAPHS", "GENSERVE_PREPACK_CPU_WEIGHTS"):
+        monkeypatch.delenv(name)
     defaults = ar_engine_config(Settings(models={}))
-    assert (defaults.attention_backend, defaults.cuda_graphs) == ("auto", True)
+    assert (defaults.attention_backend, defaults.cuda_graphs, defaults.prepack_cpu_weights) == ("auto", True, True)
     with pytest.raises(ValueError):
         Settings(models={}, attention_backend="triton")  # type: ignore[arg-type]
 
