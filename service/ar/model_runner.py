@@ -52,8 +52,8 @@ class ModelRunner:
         self.num_pool_blocks = num_blocks + (1 if use_graphs else 0)
         num_slots = self.num_pool_blocks * block_size
         self.kv_caches = [
-            (torch.zeros(num_slots, model.num_kv_heads, model.head_dim, dtype=dtype, device=device),
-             torch.zeros(num_slots, model.num_kv_heads, model.head_dim, dtype=dtype, device=device))
+            (torch.zeros(model.num_kv_heads, num_slots, model.head_dim, dtype=dtype, device=device),
+             torch.zeros(model.num_kv_heads, num_slots, model.head_dim, dtype=dtype, device=device))
             for _ in range(model.num_layers)
         ]
         self.decode_graphs: DecodeGraphs | None = None

@@ -30,7 +30,7 @@ def paged_logits(token_ids: list[int]) -> torch.Tensor:
     model = load_causal_lm(MODEL_DIR, torch.device("cpu"), torch.float32).model
     block_size = 16
     num_blocks = -(-len(token_ids) // block_size)
-    cache_shape = (num_blocks * block_size, model.num_kv_heads, model.head_dim)
+    cache_shape = (model.num_kv_heads, num_blocks * block_size, model.head_dim)
     kv_caches = [(torch.zeros(cache_shape), torch.zeros(cache_shape)) for _ in range(model.num_layers)]
     batch = build_forward_batch([SequenceSlice(token_ids, 0, list(range(num_blocks)))], block_size,
                                 torch.device("cpu"))

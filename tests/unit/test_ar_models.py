@@ -84,7 +84,7 @@ class PagedRunner:
         self.model = model
         generator = torch.Generator().manual_seed(seed)
         num_slots = num_blocks * BLOCK_SIZE
-        shape = (num_slots, model.num_kv_heads, model.head_dim)
+        shape = (model.num_kv_heads, num_slots, model.head_dim)
         some_parameter = next(model.parameters())
         self.device = some_parameter.device
         # Garbage, not zeros, in unused slots: masking must keep them out entirely.

@@ -47,8 +47,8 @@ def attend_both(slices: list[SequenceSlice], dtype: torch.dtype = torch.float32,
     """One layer's attention through each backend, on identical pools holding random old context."""
     generator = torch.Generator().manual_seed(0)
     num_slots = NUM_POOL_BLOCKS * BLOCK_SIZE
-    key_pool = torch.randn(num_slots, KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
-    value_pool = torch.randn(num_slots, KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
+    key_pool = torch.randn(KV_HEADS, num_slots, HEAD_DIM, generator=generator).to(dtype)
+    value_pool = torch.randn(KV_HEADS, num_slots, HEAD_DIM, generator=generator).to(dtype)
     num_tokens = sum(len(piece.new_token_ids) for piece in slices)
     query = torch.randn(num_tokens, HEADS, HEAD_DIM, generator=generator).to(dtype)
     key = torch.randn(num_tokens, KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
@@ -80,8 +80,8 @@ def test_flex_reads_only_the_sequences_own_slots() -> None:
     slices = random_slices(random.Random(3), [5, 30], [(8, 11)])
     batch = build_forward_batch(slices, BLOCK_SIZE, CPU, "flex", NUM_POOL_BLOCKS)
     num_slots = NUM_POOL_BLOCKS * BLOCK_SIZE
-    key_pool = torch.randn(num_slots, KV_HEADS, HEAD_DIM)
-    value_pool = torch.randn(num_slots, KV_HEADS, HEAD_DIM)
+    key_pool = torch.randn(KV_HEADS, num_slots, HEAD_DIM)
+    value_pool = torch.randn(KV_HEADS, num_slots, HEAD_DIM)
     used = torch.zeros(num_slots, dtype=torch.bool)
     for piece in slices:
         for position in range(piece.start_position + len(piece.new_token_ids)):
@@ -89,8 +89,8 @@ def test_flex_reads_only_the_sequences_own_slots() -> None:
     num_tokens = batch.num_tokens
     query, key, value = (torch.randn(num_tokens, h, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS))
     clean = paged_attention(query, key, value, key_pool.clone(), value_pool.clone(), batch, 0.25)
-    key_pool[~used] = 1e4
-    value_pool[~used] = -1e4
+    key_pool[:, ~used] = 1e4
+    value_pool[:, ~used] = -1e4
     poisoned = paged_attention(query, key, value, key_pool, value_pool, batch, 0.25)
     torch.testing.assert_close(poisoned, clean, rtol=1e-6, atol=1e-6)
 
@@ -157,7 +157,7 @@ def test_decode_graph_buffers_reproduce_the_eager_decode(tiny_llama_dir: Path) -
     rows write only into the scratch block."""
     model = load_causal_lm(tiny_llama_dir, CPU, torch.float32).model
     num_blocks = 40
-    kv_caches = [tuple(torch.zeros((num_blocks + 1) * BLOCK_SIZE, model.num_kv_heads, model.head_dim)
+    kv_caches = [tuple(torch.zeros(model.num_kv_heads, (num_blocks + 1) * BLOCK_SIZE, model.head_dim)
                        for _ in range(2)) for _ in range(model.num_layers)]
     graphs = DecodeGraphs(model, kv_caches, BLOCK_SIZE, num_blocks, max_batch_size=5, max_blocks_per_sequence=12,
                           device=CPU)
@@ -183,6 +183,6 @@ def test_decode_graph_buffers_reproduce_the_eager_decode(tiny_llama_dir: Path) -
     untouched = torch.ones(scratch_start, dtype=torch.bool)
     untouched[decode_slots] = False
     for old, new in zip(before, (cache for pair in kv_caches for cache in pair)):
-        assert torch.equal(old[:scratch_start][untouched], new[:scratch_start][untouched])
-        torch.testing.assert_close(new[decode_slots], old[decode_slots], rtol=1e-5, atol=1e-5)
-        assert not torch.equal(old[scratch_start:], new[scratch_start:])
+        assert torch.equal(old[:, :scratch_start][:, untouched], new[:, :scratch_start][:, untouched])
+        torch.testing.assert_close(new[:, decode_slots], old[:, decode_slots], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(old[:, scratch_start:], new[:, scratch_start:])

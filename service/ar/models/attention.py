@@ -158,14 +158,14 @@ def paged_attention(
     query: torch.Tensor,  # [T, heads, head_dim]
     key: torch.Tensor,  # [T, kv_heads, head_dim]
     value: torch.Tensor,  # [T, kv_heads, head_dim]
-    key_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
-    value_cache: torch.Tensor,  # [num_slots, kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [kv_heads, num_slots, head_dim]
+    value_cache: torch.Tensor,  # [kv_heads, num_slots, head_dim]
     batch: ForwardBatch,
     scale: float,
 ) -> torch.Tensor:
     """Store this step's keys/values in the pool, then attend. Returns [T, heads, head_dim]."""
-    key_cache.index_copy_(0, batch.slot_mapping, key.to(key_cache.dtype))
-    value_cache.index_copy_(0, batch.slot_mapping, value.to(value_cache.dtype))
+    key_cache.index_copy_(1, batch.slot_mapping, key.transpose(0, 1).to(key_cache.dtype))
+    value_cache.index_copy_(1, batch.slot_mapping, value.transpose(0, 1).to(value_cache.dtype))
     if batch.flex is not None:
         return batch.flex.attend(query, key_cache, value_cache, scale)
     gqa = query.shape[1] != key.shape[1]
@@ -176,20 +176,21 @@ def paged_attention(
         n, max_context = batch.decode_kv_slots.shape
         flat_slots = batch.decode_kv_slots.reshape(-1)
         # index_select, not key_cache[slots]: on a CPU the advanced-indexing gather is ~8x slower
-        keys = key_cache.index_select(0, flat_slots).view(n, max_context, *key_cache.shape[1:])
-        values = value_cache.index_select(0, flat_slots).view(n, max_context, *value_cache.shape[1:])
+        kv_heads, head_dim = key_cache.shape[0], key_cache.shape[2]
+        keys = key_cache.index_select(1, flat_slots).view(kv_heads, n, max_context, head_dim)
+        values = value_cache.index_select(1, flat_slots).view(kv_heads, n, max_context, head_dim)
         if query.device.type == "cpu":
             output[:n] = _decode_attention_matmul(query[:n], keys, values, batch.decode_mask, scale)
         else:
             output[:n] = F.scaled_dot_product_attention(
-                query[:n].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                query[:n].unsqueeze(2), keys.transpose(0, 1), values.transpose(0, 1),
                 attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa,
             ).squeeze(2)
 
     for prefill in batch.prefills:
         start, stop = prefill.query_start, prefill.query_start + prefill.query_len
-        keys = key_cache.index_select(0, prefill.kv_slots).transpose(0, 1)[None]  # [1, kv_heads, ctx, d]
-        values = value_cache.index_select(0, prefill.kv_slots).transpose(0, 1)[None]
+        keys = key_cache.index_select(1, prefill.kv_slots)[None]  # [1, kv_heads, ctx, d]
+        values = value_cache.index_select(1, prefill.kv_slots)[None]
         output[start:stop] = F.scaled_dot_product_attention(
             query[start:stop].transpose(0, 1)[None], keys, values,
             attn_mask=prefill.mask, scale=scale, enable_gqa=gqa,
@@ -199,8 +200,8 @@ def paged_attention(
 
 def _decode_attention_matmul(
     query: torch.Tensor,  # [n, heads, head_dim]
-    keys: torch.Tensor,  # [n, context, kv_heads, head_dim]
-    values: torch.Tensor,  # [n, context, kv_heads, head_dim]
+    keys: torch.Tensor,  # [kv_heads, n, context, head_dim]
+    values: torch.Tensor,  # [kv_heads, n, context, head_dim]
     mask: torch.Tensor,  # [n, 1, 1, context] bool, True = attend
     scale: float,
 ) -> torch.Tensor:
@@ -211,11 +212,9 @@ def _decode_attention_matmul(
     ones on a CPU with AMX/AVX512-BF16); the softmax runs in float32.
     """
     n, heads, head_dim = query.shape
-    kv_heads = keys.shape[2]
-    grouped_query = query.reshape(n, kv_heads, heads // kv_heads, head_dim).to(keys.dtype)
-    keys = keys.transpose(1, 2).contiguous()  # [n, kv, ctx, d]
-    values = values.transpose(1, 2).contiguous()
-    scores = torch.matmul(grouped_query, keys.transpose(-1, -2)).float().mul_(scale)  # [n, kv, group, ctx]
-    scores.masked_fill_(~mask.view(n, 1, 1, -1), float("-inf"))
-    attended = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [n, kv, group, d]
-    return attended.reshape(n, heads, head_dim).to(query.dtype)
+    kv_heads = keys.shape[0]
+    grouped_query = query.reshape(n, kv_heads, heads // kv_heads, head_dim).transpose(0, 1).to(keys.dtype)
+    scores = torch.matmul(grouped_query, keys.transpose(-1, -2)).float().mul_(scale)  # [kv, n, group, ctx]
+    scores.masked_fill_(~mask.view(1, n, 1, -1), float("-inf"))
+    attended = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [kv, n, group, d]
+    return attended.transpose(0, 1).reshape(n, heads, head_dim).to(query.dtype)

@@ -10,7 +10,9 @@ from torch import nn
 
 from service.ar.models.attention import ForwardBatch
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (key_cache, value_cache), each [num_slots, kv_heads, head_dim]
+# (key_cache, value_cache), each [kv_heads, num_slots, head_dim]: a gather of slots gives each head's
+# keys contiguous, ready for the batched matmuls (and FlexAttention's [B, H, S, D]) without a copy
+KVCache = tuple[torch.Tensor, torch.Tensor]
 
 _MAX_NAMES_IN_ERROR = 10
 

@@ -2,7 +2,7 @@
 
 The plain-torch path (``attention.paged_attention``) gathers every sequence's context out of the
 pool at every layer. Here the pool itself is the key/value sequence: a layer's keys are the view
-``key_cache.permute(1, 0, 2)[None]`` of shape ``[1, kv_heads, num_slots, head_dim]`` (no copy),
+``key_cache[None]`` of shape ``[1, kv_heads, num_slots, head_dim]`` (no copy),
 broadcast over a batch of one row per sequence. A ``BlockMask`` whose KV block is one KV-cache
 block lists, per sequence, exactly the pool blocks of its block table, so the kernel visits only
 those; its ``mask_mod`` maps a pool slot back to its position in the sequence (through a
@@ -137,9 +137,9 @@ class FlexAttentionMetadata:
     def attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                scale: float) -> torch.Tensor:
         """Attention of ``query`` [T, heads, head_dim] over the pool, which already holds this step's keys."""
-        keys = key_cache.permute(1, 0, 2).unsqueeze(0)  # [1, kv_heads, num_slots, head_dim], a view
-        values = value_cache.permute(1, 0, 2).unsqueeze(0)
-        gqa = query.shape[1] != key_cache.shape[1]
+        keys = key_cache.unsqueeze(0)  # [1, kv_heads, num_slots, head_dim], a view
+        values = value_cache.unsqueeze(0)
+        gqa = query.shape[1] != key_cache.shape[0]
         decodes = None
         if self.decode_mask is not None:
             n = self.num_decodes
