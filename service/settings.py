@@ -43,14 +43,6 @@ def _usable_cpus() -> set[int]:
 
 
 PinSetting = Literal["auto", "true", "false"]
-# Model work per batch row and step (one token of an AR sequence, one latent of a denoise step) above
-# which a CPU engine is compute bound. Host work per row (sampling, detokenizing, one SSE event in the
-# front end) costs about 0.1-0.2 ms; 50 MFLOP is 0.3-0.6 ms of one core's matmul throughput, so above
-# it a second compute core gains more than the front end's own core would. Measured on the benchmark
-# models: 5 M-parameter Llama ~8 MFLOP/token (pinned wins), 1.1 M-parameter 16x16 UNet ~123 MFLOP/row
-# (all cores win at 32 streams). Autoregressive models are pinned whatever their cost (plan_cpu_use):
-# the 108 M-parameter Llama (~210 MFLOP/token) ran 1.2-1.6x faster pinned on one core than on both.
-COMPUTE_BOUND_FLOPS_PER_ROW = 50e6
 
 
 @dataclass(frozen=True)
@@ -61,26 +53,21 @@ class CpuPlan:
     engine_cpus: int
     pinned: bool
     threads: int
-    compute_bound: bool
 
 
-def plan_cpu_use(usable_cpus: int, flops_per_row: float | None, cpu_threads: int = 0,
-                 pin_cpus: PinSetting = "auto", streams_tokens: bool = False) -> CpuPlan:
-    """The engine core's CPU policy. ``flops_per_row`` is the model work per batch row measured at
-    warm-up (None before it: treated as small). The core keeps to all CPUs but the last, which the
-    HTTP front end needs, when the models are small (bound by Python overhead) or when an
-    autoregressive model is served (``streams_tokens``: one SSE event per request per step, so the
-    front end is busy all the time, and a compute thread sharing its core stalls every parallel
-    region). Only compute-bound models that stream no tokens (diffusion) get every CPU.
+def plan_cpu_use(usable_cpus: int, cpu_threads: int = 0, pin_cpus: PinSetting = "auto") -> CpuPlan:
+    """The engine core's CPU policy: with two or more usable CPUs it keeps off the last one, which the
+    HTTP front end needs, and computes on the others with one torch thread each, for every model.
+
+    Why for every model, compute-bound ones included: torch splits an op evenly over its threads, so a
+    thread that shares its CPU with the front end (SSE events, HTTP, a load client beside it) makes every
+    parallel region wait for it. Measured on 2 CPUs (docs/benchmarks/cpu_policy.md): the 108 M Llama ran
+    1.2-1.6x and the 1.1 M digits UNet 1.1-2.1x faster pinned on one CPU than on both.
     ``cpu_threads`` (> 0) and ``pin_cpus`` ("true"/"false") override the automatic choice."""
     usable_cpus = max(1, usable_cpus)
-    compute_bound = flops_per_row is not None and flops_per_row >= COMPUTE_BOUND_FLOPS_PER_ROW
-    every_cpu = compute_bound and not streams_tokens
-    pinned = usable_cpus >= 2 and (pin_cpus == "true" or (pin_cpus == "auto" and not every_cpu))
+    pinned = usable_cpus >= 2 and pin_cpus != "false"
     engine_cpus = usable_cpus - 1 if pinned else usable_cpus
-    automatic_threads = usable_cpus if every_cpu else max(1, usable_cpus - 1)
-    threads = cpu_threads or min(engine_cpus, automatic_threads)
-    return CpuPlan(engine_cpus=engine_cpus, pinned=pinned, threads=threads, compute_bound=compute_bound)
+    return CpuPlan(engine_cpus=engine_cpus, pinned=pinned, threads=cpu_threads or max(1, usable_cpus - 1))
 
 
 def cpu_supports_bfloat16() -> bool:
@@ -112,11 +99,10 @@ class Settings(BaseSettings):
         default_factory=default_models,
         description="NAME=PATH,... ; the paradigm is detected from the folder (repeatable flag --model NAME=PATH)",
     )
-    cpu_threads: int = Field(0, ge=0, description="torch CPU threads of the engine core; 0 = auto (one per core "
-                             "for compute-bound models, else one per core minus the HTTP side's)")
-    pin_cpus: PinSetting = Field("auto", description="on a CPU device with 2+ cores: true = pin the engine core "
-                                 "to all cores but the last (the HTTP front end's); false = pin nothing; auto = "
-                                 "pin unless every model is a compute-bound diffusion model (measured at warm-up)")
+    cpu_threads: int = Field(0, ge=0, description="torch CPU threads of the engine core; 0 = auto (one per usable "
+                             "core minus the HTTP front end's)")
+    pin_cpus: PinSetting = Field("auto", description="on a CPU device with 2+ cores: auto/true = pin the engine "
+                                 "core to all cores but the last (the HTTP front end's); false = pin nothing")
     # Sharing one device (runtime/worker.py): steps each engine runs per round-robin cycle while busy
     ar_steps_per_cycle: int = Field(1, ge=1, description="AR steps per device-loop cycle")
     diffusion_steps_per_cycle: int = Field(1, ge=1, description="diffusion steps per device-loop cycle")
@@ -235,20 +221,14 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def cpu_plan(self, flops_per_row: float | None, streams_tokens: bool = False) -> CpuPlan:
-        return plan_cpu_use(min(len(self._usable_cpu_ids), self._usable_cpu_count), flops_per_row, self.cpu_threads,
-                            self.pin_cpus, streams_tokens)
+    def cpu_plan(self) -> CpuPlan:
+        return plan_cpu_use(min(len(self._usable_cpu_ids), self._usable_cpu_count), self.cpu_threads, self.pin_cpus)
 
     def resolved_cpu_threads(self) -> int:
-        """Threads before the model's cost is known (loading and the first warm-up)."""
-        return self.cpu_plan(None).threads
-
-    def engine_cpus(self, plan: CpuPlan) -> set[int]:
-        return set(sorted(self._usable_cpu_ids)[:plan.engine_cpus])
+        return self.cpu_plan().threads
 
     def cpu_split(self) -> tuple[set[int], set[int]] | None:
-        """(engine-core cpus, front-end cpus) before the model's cost is known, when pinning may apply;
-        the front end keeps the last CPU even when a compute-bound engine core later takes all of them."""
+        """(engine-core cpus, front-end cpus) when the engine core is pinned (plan_cpu_use)."""
         cpus = sorted(self._usable_cpu_ids)
         if self.pin_cpus == "false" or len(cpus) < 2 or self.resolved_device() != "cpu":
             return None

@@ -3,7 +3,8 @@
   serial   a plain diffusers pipeline behind FastAPI, one request at a time (``loadtest/benchmarks/diffusers_serve.py``),
            driven over HTTP by ``loadtest/clients/diffusion_load.py``
   raw      the raw batched-UNet limit: a plain loop that keeps ``concurrency`` rows in one batch
-           (UNet forward with per-row timesteps + the vectorized DDPM update), no engine, no HTTP
+           (UNet forward with per-row timesteps + the vectorized DDPM update), no engine, no HTTP, on the
+           CPUs and threads genserve's default engine core gets (``--threads N``: unpinned, N threads)
   engine   genserve's DiffusionEngine stepped directly in-process, ``concurrency`` requests in flight
   served   genserve over HTTP (``python -m service --model digits=PATH``), driven by the same load,
            with its default CPU settings; ``served-pinned`` / ``served-all-cores`` add
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 
 from loadtest.clients.diffusion_load import DIGIT_LABELS, ImageRequest, percentile, request_plan, run_image_load
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server
+from service.settings import Settings
 
 SYSTEMS = ("serial", "raw", "engine", "served", "served-pinned", "served-all-cores")
 DEFAULT_SYSTEMS = ("serial", "raw", "engine", "served")
@@ -252,6 +254,26 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**ordered[(len(ordered) - 1) // 2], "images_per_s_runs": [round(r["images_per_s"], 3) for r in runs]}
 
 
+@contextmanager
+def placed_like_genserve(scenario: Scenario, in_process: bool) -> Iterator[None]:
+    """raw and engine compute on the CPUs and threads genserve's default engine core gets; a served
+    system's load client runs on the front end's CPU. ``--threads`` keeps the process unpinned instead."""
+    settings = Settings(models={}, device=scenario.device)
+    split = settings.cpu_split()
+    if scenario.threads or split is None:
+        yield
+        return
+    previous_cpus, previous_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, split[0] if in_process else split[1])
+    if in_process:
+        torch.set_num_threads(settings.resolved_cpu_threads())
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous_cpus)
+        torch.set_num_threads(previous_threads)
+
+
 def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, dict[str, Any]],
                     skipped: dict[str, str]) -> None:
     """raw, engine and the served variants take turns, ``repeats`` times, so a slow spell of a shared
@@ -269,12 +291,13 @@ def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, d
                 print(f"== {system} (run {repeat + 1}/{scenario.repeats}) ...", flush=True)
                 started = time.perf_counter()
                 try:
-                    if system in servers:
-                        runs[system].append(bench_served(scenario, servers[system], warm_up=repeat == 0,
-                                                         label=system))
-                    else:
-                        bench = bench_raw if system == "raw" else bench_engine
-                        runs[system].append(bench(scenario, pipeline, warm_up=repeat == 0))
+                    with placed_like_genserve(scenario, in_process=system not in servers):
+                        if system in servers:
+                            runs[system].append(bench_served(scenario, servers[system], warm_up=repeat == 0,
+                                                             label=system))
+                        else:
+                            bench = bench_raw if system == "raw" else bench_engine
+                            runs[system].append(bench(scenario, pipeline, warm_up=repeat == 0))
                 except Exception as error:  # one failing system must not lose the others' results
                     traceback.print_exc()
                     skipped[system] = f"{type(error).__name__}: {str(error)[-2000:]}"

@@ -12,7 +12,6 @@ abort, shut down), then runs the engines' steps; each step's outputs go back as 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from service.common.errors import EngineError
 from service.common.outputs import RequestOutput
-from service.runtime.lifecycle import Engine, ServedEngine
+from service.runtime.lifecycle import ServedEngine
 from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreMessage, CoreReady,
                                       Heartbeat, Rejected, Shutdown, StepOutputs)
 from service.runtime.registry import load_engines
@@ -111,42 +110,6 @@ def parse_injected_failures(spec: str) -> dict[tuple[str, str], frozenset[int]]:
     return {key: frozenset(numbers) for key, numbers in steps.items()}
 
 
-def warm_up_counting_flops(engine: Engine) -> float:
-    """Warm ``engine`` up and return the model FLOPs it spent per batch row (token or latent row)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        rows = warm_up(engine)
-    return counter.get_total_flops() / max(1, rows)
-
-
-def measure_cpu_cost(engines: list[Engine]) -> tuple[float, bool]:
-    """Warm every engine up under the FLOP counter: the most expensive FLOPs per batch row, and whether
-    any engine streams tokens (autoregressive), the two inputs of the CPU plan."""
-    flops_per_row = max((warm_up_counting_flops(engine) for engine in engines), default=0.0)
-    return flops_per_row, any(engine.paradigm == "autoregressive" for engine in engines)
-
-
-def apply_cpu_plan(settings: Settings, flops_per_row: float, streams_tokens: bool) -> bool:
-    """Re-pin and re-size the core for the measured model cost (settings.plan_cpu_use); True if it changed."""
-    import torch
-
-    plan = settings.cpu_plan(flops_per_row, streams_tokens)
-    can_pin = hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task")
-    cpus = settings.engine_cpus(plan)
-    before = (os.sched_getaffinity(0) if can_pin else cpus, torch.get_num_threads())
-    if can_pin and (plan.pinned or before[0] != cpus):
-        # Every thread of the process, so that already-started threads follow too.
-        for thread_id in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(thread_id), cpus)
-    torch.set_num_threads(plan.threads)
-    logger.info(json.dumps({"event": "cpu_plan", "flops_per_row": round(flops_per_row), "threads": plan.threads,
-                            "pinned": plan.pinned, "cpus": sorted(cpus), "compute_bound": plan.compute_bound,
-                            "streams_tokens": streams_tokens}))
-    return before != (cpus, plan.threads)
-
-
 def run_engine_core(settings: Settings, commands: Connection, results: Connection) -> None:
     """Entry point of the child process."""
     # Ctrl-C and most supervisors signal the whole process group: the front end drains, then stops us.
@@ -157,20 +120,20 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     split = settings.cpu_split()
     if split is not None:
-        os.sched_setaffinity(0, split[0])
-    torch.set_num_threads(settings.resolved_cpu_threads())
+        os.sched_setaffinity(0, split[0])  # threads started later (OpenMP's) inherit it
+    plan = settings.cpu_plan()
+    torch.set_num_threads(plan.threads)
     worker = DeviceWorker()
     served: dict[str, ServedEngine] = {}
     loop = CoreLoop(commands, results, served, worker)
     try:
         engines, infos = load_engines(settings)
         if settings.resolved_device() == "cpu":
-            if apply_cpu_plan(settings, *measure_cpu_cost(engines)):
-                for engine in engines:  # start the resized thread pool before traffic does
-                    warm_up(engine)
-        else:
-            for engine in engines:
-                warm_up(engine)
+            logger.info(json.dumps({"event": "cpu_plan", "threads": plan.threads, "pinned": plan.pinned,
+                                    "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                    else None}))
+        for engine in engines:
+            warm_up(engine)
     except Exception as error:
         logger.exception("model loading failed")
         loop.send(CoreFailed(f"{type(error).__name__}: {error}"))

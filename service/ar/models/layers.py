@@ -80,21 +80,6 @@ def prepack_linears(model: nn.Module) -> int:
     return len(linears)
 
 
-def _register_prepacked_linear_flops() -> None:
-    """Teach torch's FLOP counter the prepacked matmul, which the CPU plan's warm-up measures."""
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def prepacked_linear_flops(input_shape: torch.Size, weight_shape: torch.Size, *args: Any,
-                               out_shape: Any = None, **kwargs: Any) -> int:
-        return 2 * math.prod(input_shape) * weight_shape[0]
-
-
-_register_prepacked_linear_flops()
-
-
 class Conv1D(nn.Module):
     """GPT-2's projection: ``y = x W + b`` with ``W`` stored [in, out]."""
 
