@@ -41,7 +41,7 @@ class AREngineConfig:
     max_model_len: int
     attention_backend: AttentionBackendSetting = "auto"
     cuda_graphs: bool = True  # effective on CUDA with the flex backend only
-    prepack_cpu_weights: bool = True  # effective on a CPU in bfloat16 only
+    prepack_cpu_weights: bool = True  # effective on a CPU (layers.can_prepack_linears)
 
 
 class AREngine:

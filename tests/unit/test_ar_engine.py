@@ -3,6 +3,7 @@ prefix caching, cancellation, admission limits and seed reproducibility."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -269,17 +270,16 @@ def test_an_out_of_memory_step_fails_its_requests_frees_them_and_halves_the_batc
     assert driver.result(after).finish_reason == "length"
 
 
-needs_prepacking = pytest.mark.skipif(not can_prepack_linears(torch.device("cpu"), torch.bfloat16),
-                                      reason="needs oneDNN with native bf16 on this CPU")
-
-
-@needs_prepacking
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_prepacked_weights_compute_exactly_what_plain_ones_do(tmp_path: Path, tie: bool) -> None:
-    """oneDNN's blocked bf16 weights (the CPU bf16 default) change speed only: every logit is bit-equal
-    to the plain-weight model's, the plain copies are freed, and a tied embedding keeps its matrix."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_prepacked_weights_compute_what_plain_ones_do(tmp_path: Path, tie: bool, dtype: torch.dtype) -> None:
+    """oneDNN's blocked weights (the CPU default) change speed only: in bf16 every logit is bit-equal to
+    the plain-weight model's, in float32 equal up to summation order; the plain copies are freed, and a
+    tied embedding keeps its matrix."""
+    if not can_prepack_linears(torch.device("cpu"), dtype):
+        pytest.skip(f"oneDNN cannot prepack {dtype} on this CPU")
     folder = build_tiny_llama(tmp_path / "model", num_heads=4, num_kv_heads=2, tie=tie)
-    drivers = [make_engine(folder, dtype=torch.bfloat16, prepack_cpu_weights=packed) for packed in (False, True)]
+    drivers = [make_engine(folder, dtype=dtype, prepack_cpu_weights=packed) for packed in (False, True)]
     plain, packed = (driver.engine.runner for driver in drivers)  # type: ignore[attr-defined]
     linears = [module for module in packed.model.modules() if isinstance(module, Linear)]
     assert plain.prepacked_linears == 0 and packed.prepacked_linears == len(linears) == 4 * 2 + 1
@@ -296,10 +296,16 @@ def test_prepacked_weights_compute_exactly_what_plain_ones_do(tmp_path: Path, ti
             engine.add_request(f"r{number}", ids_request(encode(driver, prompt), greedy(2)))  # type: ignore[attr-defined]
         logits.append(engine.runner.execute(engine.scheduler.schedule().entries).sample_logits)  # type: ignore[attr-defined]
     assert logits[0] is not None and logits[0].shape[0] == len(PROMPTS)
-    assert torch.equal(logits[0], logits[1])
+    if dtype is torch.bfloat16:
+        assert torch.equal(logits[0], logits[1])
+    else:
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
-def test_prepacking_is_for_bfloat16_on_a_cpu_only() -> None:
-    assert not can_prepack_linears(torch.device("cpu"), torch.float32)
+def test_prepacking_is_for_a_cpu_in_float32_or_bfloat16() -> None:
+    assert not can_prepack_linears(torch.device("cpu"), torch.float16)
     assert not can_prepack_linears(torch.device("cuda"), torch.bfloat16)
+    assert not can_prepack_linears(torch.device("cuda"), torch.float32)
     assert not can_prepack_linears(torch.device("meta"), torch.bfloat16)
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        assert can_prepack_linears(torch.device("cpu"), torch.float32)
