@@ -8,19 +8,15 @@ from service.runtime.lifecycle import Engine
 WARMUP_REQUEST_ID = "warmup"
 
 
-def warm_up(engine: Engine, max_steps: int = 64) -> int:
-    """Returns the batch rows the warm-up computed (prompt and generated tokens, or latent rows times
-    denoise steps), the unit of the engine core's cost-per-row CPU policy."""
+def warm_up(engine: Engine, max_steps: int = 64) -> None:
+    """Build the kernels (and their caches) a first request would otherwise wait for."""
     engine.add_request(WARMUP_REQUEST_ID, engine.warmup_request())  # type: ignore[attr-defined]
-    rows = 0
     for _ in range(max_steps):
-        report = engine.step()
-        rows += report.stats.prompt_tokens_admitted + report.stats.generated_tokens + report.stats.denoise_rows
-        for output in report.outputs:
+        for output in engine.step().outputs:
             if output.request_id == WARMUP_REQUEST_ID and output.finished:
                 error = getattr(output.result, "error", None)
                 if error is not None:
                     raise RuntimeError(f"warm-up of {engine.name} failed: {error}") from error
-                return rows
+                return
     engine.abort(WARMUP_REQUEST_ID)
     raise RuntimeError(f"warm-up of {engine.name} did not finish in {max_steps} steps")

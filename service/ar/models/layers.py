@@ -42,9 +42,10 @@ class Linear(nn.Module):
 
         ``F.linear`` on a CPU hands a plain [out, in] weight to its kernels, and oneDNN reorders it on
         every call: a second pass over every weight byte, on decode steps that are bound by reading the
-        weights. Measured on the 108 M benchmark model's shapes, one thread: 1.4-2x faster at batch 1-32
-        in bfloat16 (bit-identical results), 1.2-2.5x in float32; equal at 512. The plain weight is
-        freed unless another module shares it (a tied embedding)."""
+        weights. Measured on the 108 M benchmark model's shapes, one thread (``loadtest.benchmarks.
+        prepacked_linear``): bfloat16 1.4-1.9x faster at batch 1-32 and equal at 512, bit-identical;
+        float32 2.1-2.9x at batch 1-512. The plain weight is freed unless another module shares it
+        (a tied embedding)."""
         assert self.weight is not None, "already prepacked"
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PREPACK_BATCH_HINT)
         if not keep_plain_weight:
@@ -62,8 +63,8 @@ PREPACK_BATCH_HINT = 32
 
 
 def can_prepack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """Prepacked oneDNN weights: bfloat16 on a CPU with native bf16, and float32 on x86-64 (oneDNN's
-    packed float32 kernels ran 2.2-2.5x faster than ``F.linear`` at batch 16-32 here)."""
+    """Prepacked oneDNN weights: bfloat16 on a CPU with native bf16, and float32 on x86-64, where
+    oneDNN's packed kernels beat ``F.linear``'s (measured on an AVX-512 CPU; ARM keeps plain weights)."""
     mkldnn = torch.ops.mkldnn
     if device.type != "cpu" or not torch.backends.mkldnn.is_available() or not (
             hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise")):
