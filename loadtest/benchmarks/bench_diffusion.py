@@ -78,11 +78,19 @@ class Scenario:
     startup_timeout_s: float
     device: str = "cpu"
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The model's class labels (its labels.json), so any digits model can be driven."""
+        labels_file = self.model_path / "labels.json"
+        if not labels_file.is_file():
+            return DIGIT_LABELS
+        return tuple(json.loads(labels_file.read_text())["labels"])
+
     def plan(self) -> list[ImageRequest]:
-        return request_plan(self.requests, self.min_steps, self.max_steps, self.seed)
+        return request_plan(self.requests, self.min_steps, self.max_steps, self.seed, self.labels)
 
     def warmup_plan(self, count: int) -> list[ImageRequest]:
-        return request_plan(count, self.min_steps, self.max_steps, self.seed + 1_000_000)
+        return request_plan(count, self.min_steps, self.max_steps, self.seed + 1_000_000, self.labels)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -171,7 +179,7 @@ def bench_raw(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, Any
     plan = scenario.plan()
     batch_size = scenario.concurrency
     num_forwards = math.ceil(sum(request.steps for request in plan) / batch_size)
-    class_of = {label: index for index, label in enumerate(DIGIT_LABELS)}
+    class_of = {label: index for index, label in enumerate(scenario.labels)}
 
     def new_row(index: int) -> tuple[Any, torch.Tensor, int]:
         request = plan[index % len(plan)]  # cycle through the plan so the batch never runs short
@@ -360,8 +368,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     parser.add_argument("--warmup", type=int, default=16, help="unmeasured requests before served/engine")
     parser.add_argument("--serial-warmup", type=int, default=4, help="unmeasured requests before serial")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads for serial, raw and engine, and --cpu-threads of 'served' "
-                             "(0 = library default, all cores; 'served' then uses its own CPU policy)")
+                        help="torch threads for serial, raw and engine (unpinned), and --cpu-threads of "
+                             "'served' (0 = raw and engine on the CPUs and threads of genserve's default plan; "
+                             "'served' uses that plan)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of raw/engine/served, taking turns; median")
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT)
