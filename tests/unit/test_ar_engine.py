@@ -13,7 +13,7 @@ import transformers
 from service.ar.models.layers import Linear, can_prepack_linears
 from service.ar.params import SamplingParams
 from service.common.errors import PromptTooLong, QueueFull
-from service.settings import Settings
+from service.settings import Settings, cpu_supports_bfloat16
 from tests.ar_engine_helpers import PROMPTS, encode, greedy, ids_request, make_engine, reference_greedy
 from tests.fixtures.tiny_models import build_tiny_gpt2, build_tiny_llama
 
@@ -309,3 +309,5 @@ def test_prepacking_is_for_a_cpu_in_float32_or_bfloat16() -> None:
     assert not can_prepack_linears(torch.device("meta"), torch.bfloat16)
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
         assert can_prepack_linears(torch.device("cpu"), torch.float32)
+    if cpu_supports_bfloat16() and torch.backends.mkldnn.is_available():  # so the bf16 test above never skips here
+        assert can_prepack_linears(torch.device("cpu"), torch.bfloat16)
