@@ -1,0 +1,30 @@
+"""Small pieces of the benchmarks that decide what a run reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtest.benchmarks.bench_ar import stricter_limit
+from loadtest.benchmarks.bench_diffusion import Scenario
+from loadtest.clients.diffusion_load import DIGIT_LABELS
+
+
+def test_the_matmul_limit_keeps_the_faster_of_its_two_measurements() -> None:
+    before = {16: {"output_tok_s": 500.0, "run": "before"}, 32: {"output_tok_s": 900.0, "run": "before"}}
+    after = {16: {"output_tok_s": 620.0, "run": "after"}, 32: {"output_tok_s": 850.0, "run": "after"}}
+    merged = stricter_limit(before, after)
+    assert merged[16] == {"output_tok_s": 620.0, "run": "after", "repeat_output_tok_s": [500.0, 620.0]}
+    assert merged[32] == {"output_tok_s": 900.0, "run": "before", "repeat_output_tok_s": [900.0, 850.0]}
+    assert stricter_limit(before, {})[16] == {**before[16], "repeat_output_tok_s": [500.0]}
+
+
+def scenario_for(model_path: Path) -> Scenario:
+    return Scenario(model_path=model_path, concurrency=2, requests=4, min_steps=10, max_steps=10, seed=0,
+                    warmup_requests=0, serial_warmup_requests=0, threads=0, repeats=1, startup_timeout_s=1.0)
+
+
+def test_diffusion_requests_use_the_models_own_labels(tmp_path: Path) -> None:
+    (tmp_path / "labels.json").write_text(json.dumps({"labels": ["0", "1", "2"], "null_class": 3}))
+    assert [request.prompt for request in scenario_for(tmp_path).plan()] == ["0", "1", "2", "0"]
+    assert scenario_for(tmp_path / "missing").labels == DIGIT_LABELS
