@@ -53,21 +53,28 @@ class CpuPlan:
     engine_cpus: int
     pinned: bool
     threads: int
+    # the engine core starts pinned and, under load, keeps whichever of pinned and all-cores steps faster
+    # (service/runtime/cpu_layout.py)
+    tuned: bool = False
 
 
 def plan_cpu_use(usable_cpus: int, cpu_threads: int = 0, pin_cpus: PinSetting = "auto") -> CpuPlan:
-    """The engine core's CPU policy: with two or more usable CPUs it keeps off the last one, which the
-    HTTP front end needs, and computes on the others with one torch thread each, for every model.
+    """The engine core's starting CPU plan: with two or more usable CPUs it keeps off the last one, which
+    the HTTP front end needs, and computes on the others with one torch thread each.
 
-    Why for every model, compute-bound ones included: torch splits an op evenly over its threads, so a
-    thread that shares its CPU with the front end (SSE events, HTTP, a load client beside it) makes every
-    parallel region wait for it. Measured on 2 CPUs (docs/benchmarks/cpu_policy.md): the 108 M Llama ran
-    1.2-1.6x and the 1.1 M digits UNet 1.1-2.1x faster pinned on one CPU than on both.
-    ``cpu_threads`` (> 0) and ``pin_cpus`` ("true"/"false") override the automatic choice."""
+    With the defaults (``pin_cpus`` auto, ``cpu_threads`` 0) the plan is ``tuned``: under live load the
+    engine core also tries every CPU and keeps the layout whose steps are faster (``cpu_layout.py``). No
+    fixed rule wins everywhere: torch splits an op evenly over its threads, so a thread that shares its
+    CPU with the front end makes every parallel region wait for it, and whether a second thread's
+    compute pays for that depends on the CPU and the model (docs/benchmarks/cpu_policy.md: the 108 M
+    Llama ran 1.2-2.5x faster pinned on an AMX CPU in bf16, and 1.22x faster on both CPUs of an AVX2
+    CPU in float32). ``cpu_threads`` (> 0) and ``pin_cpus`` ("true"/"false") fix the plan instead."""
     usable_cpus = max(1, usable_cpus)
     pinned = usable_cpus >= 2 and pin_cpus != "false"
     engine_cpus = usable_cpus - 1 if pinned else usable_cpus
-    return CpuPlan(engine_cpus=engine_cpus, pinned=pinned, threads=cpu_threads or max(1, usable_cpus - 1))
+    tuned = pinned and pin_cpus == "auto" and cpu_threads == 0
+    return CpuPlan(engine_cpus=engine_cpus, pinned=pinned, threads=cpu_threads or max(1, usable_cpus - 1),
+                   tuned=tuned)
 
 
 def cpu_supports_bfloat16() -> bool:
@@ -101,8 +108,13 @@ class Settings(BaseSettings):
     )
     cpu_threads: int = Field(0, ge=0, description="torch CPU threads of the engine core; 0 = auto (one per usable "
                              "core minus the HTTP front end's)")
-    pin_cpus: PinSetting = Field("auto", description="on a CPU device with 2+ cores: auto/true = pin the engine "
-                                 "core to all cores but the last (the HTTP front end's); false = pin nothing")
+    pin_cpus: PinSetting = Field("auto", description="on a CPU device with 2+ cores: true = pin the engine core to "
+                                 "all cores but the last (the HTTP front end's); false = pin nothing; auto = start "
+                                 "pinned and, under load, keep pinned or all cores, whichever steps faster")
+    cpu_layout_window_s: float = Field(0.5, gt=0, description="--pin-cpus auto: step time each layout runs per "
+                                       "comparison window")
+    cpu_layout_retune_s: float = Field(120.0, gt=0, description="--pin-cpus auto: step time between two "
+                                       "comparisons of the layouts")
     # Sharing one device (runtime/worker.py): steps each engine runs per round-robin cycle while busy
     ar_steps_per_cycle: int = Field(1, ge=1, description="AR steps per device-loop cycle")
     diffusion_steps_per_cycle: int = Field(1, ge=1, description="diffusion steps per device-loop cycle")
@@ -222,7 +234,7 @@ class Settings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def cpu_plan(self) -> CpuPlan:
-        return plan_cpu_use(min(len(self._usable_cpu_ids), self._usable_cpu_count), self.cpu_threads, self.pin_cpus)
+        return plan_cpu_use(self.usable_cpu_threads(), self.cpu_threads, self.pin_cpus)
 
     def resolved_cpu_threads(self) -> int:
         return self.cpu_plan().threads
@@ -233,6 +245,10 @@ class Settings(BaseSettings):
         if self.pin_cpus == "false" or len(cpus) < 2 or self.resolved_device() != "cpu":
             return None
         return set(cpus[:-1]), {cpus[-1]}
+
+    def usable_cpu_threads(self) -> int:
+        """Threads that keep every usable CPU busy: the affinity mask, capped by a cgroup CPU quota."""
+        return min(len(self._usable_cpu_ids), self._usable_cpu_count)
 
     def resolved_dtype(self, paradigm: Literal["autoregressive", "diffusion"] = "autoregressive") -> str:
         if self.dtype != "auto":

@@ -4,7 +4,8 @@
            driven over HTTP by ``loadtest/clients/diffusion_load.py``
   raw      the raw batched-UNet limit: a plain loop that keeps ``concurrency`` rows in one batch
            (UNet forward with per-row timesteps + the vectorized DDPM update), no engine, no HTTP, on the
-           CPUs and threads genserve's default engine core gets (``--threads N``: unpinned, N threads)
+           CPUs and threads genserve's default engine core starts with (``--threads N``: unpinned, N threads);
+           ``raw-all-cores``: the same loop on every CPU, one thread each (the layout genserve's tuner may pick)
   engine   genserve's DiffusionEngine stepped directly in-process, ``concurrency`` requests in flight
   served   genserve over HTTP (``python -m service --model digits=PATH``), driven by the same load,
            with its default CPU settings; ``served-pinned`` / ``served-all-cores`` add
@@ -13,7 +14,8 @@
 raw, engine and served take turns ``repeats`` times (median reported), so a slow spell of a shared
 machine hits them alike. Every system runs the same plan: ``requests`` requests of one image each, a digit label, seed i,
 DDPM with a step count uniform in [min_steps, max_steps] (seeded), closed loop at ``concurrency``.
-Prints one table and the ratios served/raw, served/serial, raw/serial; writes JSON
+Prints one table and the ratios served/raw, served/best-raw (the faster of raw and raw-all-cores),
+served/serial, raw/serial; writes JSON
 (default docs/bench_diffusion.json).
 
 Usage:
@@ -48,7 +50,8 @@ from loadtest.clients.diffusion_load import DIGIT_LABELS, ImageRequest, percenti
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server
 from service.settings import Settings
 
-SYSTEMS = ("serial", "raw", "engine", "served", "served-pinned", "served-all-cores")
+SYSTEMS = ("serial", "raw", "raw-all-cores", "engine", "served", "served-pinned", "served-all-cores")
+RAW_LAYOUTS = ("raw", "raw-all-cores")
 DEFAULT_SYSTEMS = ("serial", "raw", "engine", "served")
 # served variant -> extra genserve flags given the usable CPU count ("served" = default settings)
 SERVED_VARIANTS = {
@@ -263,18 +266,21 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @contextmanager
-def placed_like_genserve(scenario: Scenario, in_process: bool) -> Iterator[None]:
-    """raw and engine compute on the CPUs and threads genserve's default engine core gets; a served
-    system's load client runs on the front end's CPU. ``--threads`` keeps the process unpinned instead."""
+def placed_like_genserve(scenario: Scenario, in_process: bool, all_cores: bool = False) -> Iterator[None]:
+    """raw and engine compute on the CPUs and threads genserve's default engine core starts with (pinned
+    off the last CPU), or with ``all_cores`` on every CPU with a thread each; a served system's load client
+    runs on the front end's CPU. ``--threads`` keeps the process unpinned instead."""
     settings = Settings(models={}, device=scenario.device)
     split = settings.cpu_split()
     if scenario.threads or split is None:
         yield
         return
     previous_cpus, previous_threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, split[0] if in_process else split[1])
     if in_process:
-        torch.set_num_threads(settings.resolved_cpu_threads())
+        os.sched_setaffinity(0, split[0] | split[1] if all_cores else split[0])
+        torch.set_num_threads(settings.usable_cpu_threads() if all_cores else settings.resolved_cpu_threads())
+    else:
+        os.sched_setaffinity(0, split[1])
     try:
         yield
     finally:
@@ -299,12 +305,13 @@ def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, d
                 print(f"== {system} (run {repeat + 1}/{scenario.repeats}) ...", flush=True)
                 started = time.perf_counter()
                 try:
-                    with placed_like_genserve(scenario, in_process=system not in servers):
+                    with placed_like_genserve(scenario, in_process=system not in servers,
+                                              all_cores=system == "raw-all-cores"):
                         if system in servers:
                             runs[system].append(bench_served(scenario, servers[system], warm_up=repeat == 0,
                                                              label=system))
                         else:
-                            bench = bench_raw if system == "raw" else bench_engine
+                            bench = bench_raw if system in RAW_LAYOUTS else bench_engine
                             runs[system].append(bench(scenario, pipeline, warm_up=repeat == 0))
                 except Exception as error:  # one failing system must not lose the others' results
                     traceback.print_exc()
@@ -344,6 +351,9 @@ def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     pairs = (("served", "raw"), ("served", "serial"), ("raw", "serial"), ("engine", "raw"), ("served", "engine"))
     ratios = {f"{top}/{bottom}": round(results[top]["images_per_s"] / results[bottom]["images_per_s"], 3)
               for top, bottom in pairs if top in results and bottom in results and results[bottom]["images_per_s"]}
+    raws = [results[name]["images_per_s"] for name in RAW_LAYOUTS if name in results]
+    if "served" in results and len(raws) > 1 and min(raws) > 0:
+        ratios["served/best-raw"] = round(results["served"]["images_per_s"] / max(raws), 3)
     variants = [results[name]["images_per_s"] for name in SERVED_VARIANTS if name in results]
     if "served" in results and len(variants) > 1:
         ratios["served/best-served-setting"] = round(results["served"]["images_per_s"] / max(variants), 3)

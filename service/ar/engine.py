@@ -187,6 +187,7 @@ class AREngine:
                 seq.started = True
                 report.started.append(seq.request_id)
         report.stats.batch_size = len(entries)
+        report.stats.scheduled_tokens = sum(num_new for _, num_new in entries)
 
         logits = self.runner.execute(entries)
         for index, (seq, num_new) in enumerate(entries):

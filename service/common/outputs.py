@@ -43,6 +43,7 @@ class StepStats:
     """Counts one step produced, for metrics. Fields that do not apply to a paradigm stay 0/None."""
 
     batch_size: int = 0
+    scheduled_tokens: int = 0  # tokens the step computed (prefill chunks and decodes), autoregressive only
     running: int = 0
     waiting: int = 0
     prompt_tokens_admitted: int = 0

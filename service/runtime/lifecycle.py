@@ -115,7 +115,8 @@ class ServedEngine:
 
     # ---- the step -----------------------------------------------------------------------------
 
-    def step(self) -> None:
+    def step(self) -> StepStats:
+        """One engine step; returns its stats (the CPU layout tuner keys step times by them)."""
         self.steps_run += 1
         if self.steps_run in self._fail_at_steps:
             raise InjectedFault(f"injected failure of step {self.steps_run} of {self.name}")
@@ -133,6 +134,7 @@ class ServedEngine:
         if outputs:
             self._emit(outputs)
         self._enforce_deadlines(now)
+        return report.stats
 
     def _account(self, output: RequestOutput, now: float) -> RequestOutput:
         tracked = self._requests.get(output.request_id)

@@ -18,8 +18,11 @@ request, which under load took it tens of milliseconds per admission.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
+
+from service.common.outputs import StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +35,19 @@ class StepEngine(Protocol):
 
     def has_work(self) -> bool: ...
 
-    def step(self) -> None: ...
+    def step(self) -> StepStats | None: ...
 
     def fail_running(self, error: BaseException) -> None: ...
 
 
+# (engine name, the step's stats, the step's seconds), after every step that did not raise
+StepObserver = Callable[[str, StepStats, float], None]
+
+
 class DeviceWorker:
-    def __init__(self) -> None:
+    def __init__(self, step_observer: StepObserver | None = None) -> None:
         self.engines: list[StepEngine] = []
+        self.step_observer = step_observer
         self.steps_per_cycle: dict[str, int] = {}
         self._stopping = False
         self.steps_run: dict[str, int] = {}
@@ -64,8 +72,10 @@ class DeviceWorker:
         return ran_any
 
     def _step(self, engine: StepEngine) -> None:
+        started = time.perf_counter()
+        stats: StepStats | None = None
         try:
-            engine.step()
+            stats = engine.step()
         except Exception as error:  # a bad step fails its own requests, never the loop
             logger.exception("engine %s step failed", engine.name)
             try:
@@ -73,6 +83,12 @@ class DeviceWorker:
             except Exception:
                 logger.exception("engine %s could not fail its requests", engine.name)
         self.steps_run[engine.name] += 1
+        if self.step_observer is not None and stats is not None:
+            try:
+                self.step_observer(engine.name, stats, time.perf_counter() - started)
+            except Exception:  # observing is optional; serving is not
+                logger.exception("the step observer failed; it is switched off")
+                self.step_observer = None
 
     def run(self, read_commands: Callable[[float], None], idle_wait_s: float = 0.5) -> None:
         """Loop until ``stop()``. ``read_commands(timeout)`` handles what arrived, waiting up to ``timeout``."""

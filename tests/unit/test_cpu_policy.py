@@ -8,20 +8,20 @@ from service.settings import CpuPlan, Settings, plan_cpu_use
 
 
 def test_the_engine_core_keeps_the_last_cpu_for_the_front_end() -> None:
-    assert plan_cpu_use(2) == CpuPlan(engine_cpus=1, pinned=True, threads=1)
-    assert plan_cpu_use(8) == CpuPlan(engine_cpus=7, pinned=True, threads=7)
-    assert plan_cpu_use(8, pin_cpus="true") == plan_cpu_use(8)
+    assert plan_cpu_use(2) == CpuPlan(engine_cpus=1, pinned=True, threads=1, tuned=True)
+    assert plan_cpu_use(8) == CpuPlan(engine_cpus=7, pinned=True, threads=7, tuned=True)
+    assert plan_cpu_use(8, pin_cpus="true") == CpuPlan(engine_cpus=7, pinned=True, threads=7, tuned=False)
 
 
 def test_one_cpu_is_never_pinned() -> None:
-    assert plan_cpu_use(1) == CpuPlan(engine_cpus=1, pinned=False, threads=1)
+    assert plan_cpu_use(1) == CpuPlan(engine_cpus=1, pinned=False, threads=1, tuned=False)
     assert plan_cpu_use(0).threads == 1
     assert plan_cpu_use(1, pin_cpus="true").pinned is False
 
 
 def test_flags_override_the_automatic_choice() -> None:
     assert plan_cpu_use(4, pin_cpus="false") == CpuPlan(engine_cpus=4, pinned=False, threads=3)
-    assert plan_cpu_use(4, cpu_threads=1) == CpuPlan(engine_cpus=3, pinned=True, threads=1)
+    assert plan_cpu_use(4, cpu_threads=1) == CpuPlan(engine_cpus=3, pinned=True, threads=1)  # fixed: not tuned
     assert plan_cpu_use(4, cpu_threads=6, pin_cpus="false").threads == 6
 
 
@@ -31,7 +31,7 @@ def test_settings_plan_matches_its_pinning_split(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("service.cpu_quota.cgroup_cpu_limit", lambda *args: None)
     settings = Settings(models={}, device="cpu")
     assert settings.cpu_split() == ({0, 1, 2}, {3})
-    assert settings.cpu_plan() == CpuPlan(engine_cpus=3, pinned=True, threads=3)
+    assert settings.cpu_plan() == CpuPlan(engine_cpus=3, pinned=True, threads=3, tuned=True)
     unpinned = Settings(models={}, device="cpu", pin_cpus="false")
     assert unpinned.cpu_split() is None and unpinned.cpu_plan().pinned is False
 

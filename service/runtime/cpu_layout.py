@@ -1,0 +1,192 @@
+"""Where the engine core computes on a CPU, chosen from the step times of live traffic.
+
+Two layouts compete (``--pin-cpus auto``, the default, with two or more CPUs):
+
+- **pinned**: every CPU but the last, one torch thread each; the last CPU is left to the HTTP
+  front end (and whatever else runs beside it, such as a load client).
+- **all-cores**: every CPU, one thread each, sharing the last one with the front end.
+
+Which one is faster depends on the machine and the model, and no warm-up can tell, because the
+cost of sharing a CPU with the front end only shows under load. Measured on 2 CPUs
+(docs/benchmarks/cpu_policy.md): on an AVX-512/AMX CPU with bf16 the 108 M Llama ran 1.2-2.5x
+faster pinned; on an AVX2 CPU in float32, whose matmuls are slower and gain more from a second
+thread, it ran 1.22x faster on all cores. So the tuner measures both under the traffic it serves.
+
+How it measures: steps are compared only with steps of the same shape (engine, batch size, tokens
+or rows computed), whose cost is the same in both layouts but for the layout. A trial runs the
+incumbent, the challenger and the incumbent again for one window each (``window_s`` of step time
+and at least ``min_window_steps`` steps), so the incumbent brackets the challenger and a load that
+drifts over the trial (contexts growing) biases neither. The first step after a switch is not
+counted (new threads, cold caches). Only a challenger faster by more than ``margin`` gets a
+second round (challenger, incumbent, challenger), and it takes over only if it is still faster
+over both rounds. A trial that finds no steps of the same shape in both layouts keeps the
+incumbent. After ``retune_after_s`` of step time the trial runs again, so a changed load is
+followed. A losing challenger costs one window per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from service.settings import Settings
+
+logger = logging.getLogger("genserve.core")
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    name: str
+    cpus: frozenset[int]
+    threads: int
+
+
+def layouts_to_tune(settings: Settings) -> tuple[CpuLayout, CpuLayout] | None:
+    """(pinned, all-cores) when the engine core's plan is ``tuned`` on a CPU device, else None."""
+    split = settings.cpu_split()
+    plan = settings.cpu_plan()
+    if split is None or not plan.tuned:
+        return None
+    return (CpuLayout("pinned", frozenset(split[0]), plan.threads),
+            CpuLayout("all-cores", frozenset(split[0] | split[1]), settings.usable_cpu_threads()))
+
+
+def apply_cpu_layout(layout: CpuLayout) -> None:
+    """Move every thread of this process (OpenMP's workers included) onto ``layout.cpus`` and set
+    torch's intra-op thread count. ``sched_setaffinity(0, ...)`` would move the calling thread only."""
+    import torch
+
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), layout.cpus)
+        except (OSError, ValueError):  # the thread ended meanwhile
+            pass
+    torch.set_num_threads(layout.threads)
+
+
+StepKey = Hashable
+
+
+@dataclass
+class _Trial:
+    incumbent: CpuLayout
+    challenger: CpuLayout
+    windows: list[CpuLayout]  # still to run, the current one first
+    samples: dict[str, dict[StepKey, list[float]]] = field(default_factory=dict)
+    round: int = 1
+
+
+class CpuLayoutTuner:
+    """Feed it every engine step (``observe``); it switches layouts through ``apply`` and logs each
+    decision as one ``cpu_layout`` JSON line."""
+
+    def __init__(self, pinned: CpuLayout, all_cores: CpuLayout, apply: Callable[[CpuLayout], None],
+                 window_s: float = 0.5, min_window_steps: int = 4, margin: float = 0.05,
+                 retune_after_s: float = 120.0) -> None:
+        self.layouts = (pinned, all_cores)
+        self._apply = apply
+        self.window_s = window_s
+        self.min_window_steps = min_window_steps
+        self.margin = margin
+        self.retune_after_s = retune_after_s
+        self.current = pinned
+        self.decisions: list[dict[str, object]] = []
+        self._trial: _Trial | None = None
+        self._settled_for_s = 0.0
+        self._window: list[tuple[StepKey, float]] = []
+        self._window_s = 0.0
+        self._skip_next = False
+        self._start_trial()
+
+    @property
+    def trialling(self) -> bool:
+        return self._trial is not None
+
+    def observe(self, key: StepKey, seconds: float) -> None:
+        """One engine step of shape ``key`` took ``seconds`` under ``self.current``."""
+        if self._trial is None:
+            self._settled_for_s += seconds
+            if self._settled_for_s >= self.retune_after_s:
+                self._start_trial()
+            return
+        if self._skip_next:
+            self._skip_next = False
+            return
+        self._window.append((key, seconds))
+        self._window_s += seconds
+        if self._window_s >= self.window_s and len(self._window) >= self.min_window_steps:
+            self._close_window(self._trial)
+
+    # ---- trials ---------------------------------------------------------------------------------
+
+    def _start_trial(self) -> None:
+        incumbent = self.current
+        challenger = self.layouts[1] if incumbent is self.layouts[0] else self.layouts[0]
+        self._trial = _Trial(incumbent, challenger, [incumbent, challenger, incumbent])
+
+    def _switch_to(self, layout: CpuLayout) -> None:
+        if layout is not self.current:
+            self._apply(layout)
+            self.current = layout
+            self._skip_next = True
+
+    def _close_window(self, trial: _Trial) -> None:
+        by_key = trial.samples.setdefault(self.current.name, {})
+        for key, seconds in self._window:
+            by_key.setdefault(key, []).append(seconds)
+        self._window, self._window_s = [], 0.0
+        trial.windows.pop(0)
+        if trial.windows:
+            self._switch_to(trial.windows[0])
+            return
+        ratio, steps = step_time_ratio(trial.samples.get(trial.challenger.name, {}),
+                                       trial.samples.get(trial.incumbent.name, {}))
+        challenger_faster = ratio is not None and ratio < 1.0 - self.margin
+        if challenger_faster and trial.round == 1:
+            trial.round = 2
+            trial.windows = [trial.challenger, trial.incumbent, trial.challenger]
+            self._switch_to(trial.challenger)
+            return
+        chosen = trial.challenger if challenger_faster else trial.incumbent
+        self._settle(trial, chosen, ratio, steps)
+
+    def _settle(self, trial: _Trial, chosen: CpuLayout, ratio: float | None, steps: int) -> None:
+        self._trial = None
+        self._settled_for_s = 0.0
+        self._switch_to(chosen)
+        self._skip_next = False
+        medians = {name: round(1000 * _pooled_median(by_key), 2) for name, by_key in trial.samples.items()}
+        decision: dict[str, object] = {
+            "event": "cpu_layout", "layout": chosen.name, "threads": chosen.threads, "cpus": sorted(chosen.cpus),
+            "step_ms_median": medians, "steps_compared": steps, "rounds": trial.round,
+            f"{trial.challenger.name}_vs_{trial.incumbent.name}_step_time": None if ratio is None else round(ratio, 3),
+        }
+        self.decisions.append(decision)
+        logger.info(json.dumps(decision))
+
+
+def step_time_ratio(challenger: dict[StepKey, list[float]],
+                    incumbent: dict[StepKey, list[float]]) -> tuple[float | None, int]:
+    """Challenger's step time over the incumbent's, over the step shapes both ran: the geometric mean of
+    the per-shape median ratios, each weighted by the fewer of its two sample counts. Returns (ratio or
+    None when no shape is shared, the steps compared)."""
+    log_sum = weight_sum = 0.0
+    for key in challenger.keys() & incumbent.keys():
+        if statistics.median(incumbent[key]) <= 0 or statistics.median(challenger[key]) <= 0:
+            continue
+        weight = min(len(challenger[key]), len(incumbent[key]))
+        log_sum += weight * math.log(statistics.median(challenger[key]) / statistics.median(incumbent[key]))
+        weight_sum += weight
+    if not weight_sum:
+        return None, 0
+    return math.exp(log_sum / weight_sum), int(weight_sum)
+
+
+def _pooled_median(by_key: dict[StepKey, list[float]]) -> float:
+    values = [value for samples in by_key.values() for value in samples]
+    return statistics.median(values) if values else float("nan")

@@ -1,0 +1,199 @@
+"""The engine core's CPU layout tuner (runtime/cpu_layout.py): it must keep the layout whose steps are
+faster under the load it sees, cost at most one window when the challenger loses, and move every thread."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from service.common.outputs import StepStats
+from service.runtime.cpu_layout import (CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune,
+                                        step_time_ratio)
+from service.runtime.worker import DeviceWorker
+from service.settings import Settings
+
+PINNED = CpuLayout("pinned", frozenset({0}), 1)
+ALL_CORES = CpuLayout("all-cores", frozenset({0, 1}), 2)
+KEY = ("tiny", 32, 32)
+
+
+class SimulatedCore:
+    """Steps whose time depends on the current layout, the way the tuner sees them."""
+
+    def __init__(self, step_s: dict[str, float], **tuner_options: float) -> None:
+        self.step_s = step_s
+        self.applied: list[str] = []
+        self.tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: self.applied.append(layout.name),
+                                    window_s=0.1, min_window_steps=4, **tuner_options)  # type: ignore[arg-type]
+        self.steps_by_layout: dict[str, int] = {}
+
+    def run(self, steps: int, key: object = KEY) -> None:
+        for _ in range(steps):
+            name = self.tuner.current.name
+            self.steps_by_layout[name] = self.steps_by_layout.get(name, 0) + 1
+            self.tuner.observe(key, self.step_s[name])
+
+
+def test_a_faster_all_cores_layout_takes_over_after_a_confirming_round() -> None:
+    core = SimulatedCore({"pinned": 0.010, "all-cores": 0.007})
+    core.run(200)
+    assert not core.tuner.trialling and core.tuner.current is ALL_CORES
+    # trial 1: pinned, all-cores, pinned; all-cores was faster, so round 2: all-cores, pinned, all-cores
+    assert core.applied == ["all-cores", "pinned", "all-cores", "pinned", "all-cores"]
+    decision = core.tuner.decisions[0]
+    assert decision["layout"] == "all-cores" and decision["rounds"] == 2
+    assert decision["all-cores_vs_pinned_step_time"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_a_slower_challenger_costs_one_window_and_the_pinned_layout_stays() -> None:
+    core = SimulatedCore({"pinned": 0.010, "all-cores": 0.025})
+    core.run(300)
+    assert core.tuner.current is PINNED and core.applied == ["all-cores", "pinned"]
+    # one window of >= 0.1 s and >= 4 counted steps, plus the uncounted first step after the switch
+    assert core.steps_by_layout["all-cores"] == 4 + 1
+    assert core.tuner.decisions[0]["rounds"] == 1
+
+
+def test_a_challenger_within_the_margin_does_not_take_over() -> None:
+    core = SimulatedCore({"pinned": 0.010, "all-cores": 0.0097}, margin=0.05)
+    core.run(300)
+    assert core.tuner.current is PINNED and core.tuner.decisions[0]["rounds"] == 1
+
+
+def test_the_first_step_after_a_switch_is_not_counted() -> None:
+    """All-cores is faster in steady state but its first step (thread start, cold caches) is slow."""
+    tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: None, window_s=0.04, min_window_steps=4)
+    first_after_switch = True
+    for _ in range(200):
+        if tuner.current is ALL_CORES:
+            tuner.observe(KEY, 1.0 if first_after_switch else 0.007)
+            first_after_switch = False
+        else:
+            tuner.observe(KEY, 0.010)
+            first_after_switch = True
+    assert tuner.current is ALL_CORES and tuner.decisions[0]["all-cores_vs_pinned_step_time"] == pytest.approx(0.7)
+
+
+def test_steps_of_different_shapes_are_not_compared() -> None:
+    """Each layout ran only its own step shape: nothing to compare, so the incumbent stays."""
+    tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: None, window_s=0.01, min_window_steps=1)
+    for _ in range(50):
+        shape = ("tiny", 32, 32) if tuner.current is PINNED else ("tiny", 8, 8)
+        tuner.observe(shape, 0.05 if tuner.current is PINNED else 0.001)
+    decision = tuner.decisions[0]
+    assert decision["layout"] == "pinned" and decision["steps_compared"] == 0
+    assert decision["all-cores_vs_pinned_step_time"] is None
+
+
+def test_the_comparison_runs_again_after_retune_after_s_and_follows_a_changed_load() -> None:
+    core = SimulatedCore({"pinned": 0.010, "all-cores": 0.020}, retune_after_s=1.0)
+    core.run(100)
+    assert core.tuner.current is PINNED and len(core.tuner.decisions) == 1
+    core.step_s = {"pinned": 0.010, "all-cores": 0.005}  # the load changed: all-cores now wins
+    core.run(400)
+    assert core.tuner.current is ALL_CORES
+    assert [decision["layout"] for decision in core.tuner.decisions][:2] == ["pinned", "all-cores"]
+
+
+def test_step_time_ratio_weights_shapes_by_their_fewer_samples() -> None:
+    challenger = {"a": [1.0, 1.0, 1.0], "b": [4.0], "only-challenger": [9.0]}
+    incumbent = {"a": [2.0, 2.0, 2.0, 2.0], "b": [1.0, 1.0]}
+    ratio, steps = step_time_ratio(challenger, incumbent)
+    # shape a: 0.5 with weight 3; shape b: 4.0 with weight 1 -> exp((3 ln 0.5 + ln 4) / 4)
+    assert steps == 4 and ratio == pytest.approx((0.5**3 * 4.0) ** 0.25)
+    assert step_time_ratio({"a": [1.0]}, {"b": [1.0]}) == (None, 0)
+
+
+def test_the_worker_reports_each_step_with_its_stats_and_time() -> None:
+    seen: list[tuple[str, int, float]] = []
+
+    class OneStepEngine:
+        name, paradigm = "tiny", "autoregressive"
+        left = 2
+
+        def has_work(self) -> bool:
+            return self.left > 0
+
+        def step(self) -> StepStats:
+            self.left -= 1
+            return StepStats(batch_size=3, scheduled_tokens=3)
+
+        def fail_running(self, error: BaseException) -> None:
+            raise AssertionError("not expected")
+
+    worker = DeviceWorker(lambda name, stats, seconds: seen.append((name, stats.batch_size, seconds)))
+    worker.add_engine(OneStepEngine())
+    while worker.run_cycle():
+        pass
+    assert [(name, batch) for name, batch, _ in seen] == [("tiny", 3), ("tiny", 3)]
+    assert all(seconds >= 0 for _, _, seconds in seen)
+
+
+def test_a_failing_observer_is_switched_off_and_serving_goes_on() -> None:
+    calls: list[str] = []
+
+    def broken_observer(name: str, stats: StepStats, seconds: float) -> None:
+        calls.append(name)
+        raise OSError("sched_setaffinity failed")
+
+    class Engine:
+        name, paradigm, left = "tiny", "autoregressive", 3
+
+        def has_work(self) -> bool:
+            return self.left > 0
+
+        def step(self) -> StepStats:
+            self.left -= 1
+            return StepStats()
+
+        def fail_running(self, error: BaseException) -> None:
+            raise AssertionError("an observer failure must not fail the requests")
+
+    worker = DeviceWorker(broken_observer)
+    worker.add_engine(Engine())
+    while worker.run_cycle():
+        pass
+    assert calls == ["tiny"] and worker.steps_run == {"tiny": 3} and worker.step_observer is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity (Linux)")
+def test_applying_a_layout_moves_every_thread_and_sets_torch_threads() -> None:
+    original = os.sched_getaffinity(0)
+    original_threads = torch.get_num_threads()
+    target = frozenset({min(original)})
+    release = threading.Event()
+    started = threading.Event()
+    native_ids: list[int] = []
+
+    def waiter() -> None:
+        native_ids.append(threading.get_native_id())
+        started.set()
+        release.wait(10)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    started.wait(10)
+    try:
+        apply_cpu_layout(CpuLayout("one", target, 1))
+        assert os.sched_getaffinity(0) == target
+        assert os.sched_getaffinity(native_ids[0]) == target  # a thread started before the switch moved too
+        assert torch.get_num_threads() == 1
+    finally:
+        release.set()
+        thread.join()
+        apply_cpu_layout(CpuLayout("back", frozenset(original), original_threads))
+
+
+def test_only_the_default_settings_on_a_cpu_are_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.cpu_quota.affinity_cpus", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr("service.cpu_quota.cgroup_cpu_limit", lambda *args: None)
+    layouts = layouts_to_tune(Settings(models={}, device="cpu"))
+    assert layouts == (CpuLayout("pinned", frozenset({0, 1, 2}), 3), CpuLayout("all-cores", frozenset({0, 1, 2, 3}), 4))
+    assert layouts_to_tune(Settings(models={}, device="cpu", pin_cpus="true")) is None
+    assert layouts_to_tune(Settings(models={}, device="cpu", pin_cpus="false")) is None
+    assert layouts_to_tune(Settings(models={}, device="cpu", cpu_threads=2)) is None
+    monkeypatch.setattr("service.cpu_quota.affinity_cpus", lambda: {5})
+    assert layouts_to_tune(Settings(models={}, device="cpu")) is None
