@@ -120,12 +120,11 @@ class LlamaAttention(nn.Module):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query, key, value = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
-        query = query.view(num_tokens, self.num_heads, self.head_dim)
-        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        query = RotaryEmbedding.apply(query, cos, sin)
-        key = RotaryEmbedding.apply(key, cos, sin)
+        heads = self.qkv_proj(hidden).view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # q and k heads are adjacent columns of the fused projection: one rotation for both
+        rotated = RotaryEmbedding.apply(heads[:, :self.num_heads + self.num_kv_heads], cos, sin)
+        query, key = rotated[:, :self.num_heads], rotated[:, self.num_heads:]
+        value = heads[:, self.num_heads + self.num_kv_heads:]
         key_cache, value_cache = kv_cache
         attended = paged_attention(query, key, value, key_cache, value_cache, batch, self.scale)
         return self.o_proj(attended.reshape(num_tokens, self.num_heads * self.head_dim))
