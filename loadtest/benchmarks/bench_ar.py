@@ -1,7 +1,8 @@
 """Autoregressive throughput/latency baseline: the same bench model behind several systems, in one run.
 
   transformers-serve  `transformers serve --continuous-batching` in the same dtype + the load generator
-  genserve            `python -m service --model bench=PATH ...` with default CPU settings (/generate API)
+  genserve            `python -m service --model bench=PATH ...` with default CPU settings (/generate API):
+                      pinned at start, then the faster of pinned and all-cores under the load (cpu_layout.py)
   genserve-pinned     the same with `--pin-cpus true --cpu-threads N-1` (engine core off the front end's core)
   genserve-all-cores  the same with `--pin-cpus false --cpu-threads N`
   genserve-plain-weights  the same with `--no-prepack-cpu-weights` (F.linear on plain weights, as the limit)

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from service.common.errors import EngineUnavailable
 from service.common.outputs import RequestOutput
 from service.runtime.engine_core import run_engine_core
-from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreReady, EngineParams,
-                                      FrontEndMessage, Heartbeat, ModelInfo, Rejected, Shutdown, StepOutputs)
+from service.runtime.cpu_layout import move_process_threads
+from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreReady, CpuLayoutChanged,
+                                      EngineParams, FrontEndMessage, Heartbeat, ModelInfo, Rejected, Shutdown,
+                                      StepOutputs)
 from service.settings import Settings
 
 logger = logging.getLogger("genserve.supervisor")
@@ -329,6 +331,9 @@ class EngineClient:
                     stream.deliver(output)
                     if output.finished:
                         del streams[output.request_id]
+            case CpuLayoutChanged(front_end_cpus=cpus):
+                if cpus and hasattr(os, "sched_setaffinity"):
+                    move_process_threads(cpus)
             case Heartbeat():
                 now = time.monotonic()
                 previous = self.last_heartbeat

@@ -28,10 +28,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from service.common.errors import EngineError
 from service.common.outputs import RequestOutput, StepStats
-from service.runtime.cpu_layout import CpuLayoutTuner, apply_cpu_layout, layouts_to_tune
+from service.runtime.cpu_layout import CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune
 from service.runtime.lifecycle import ServedEngine
 from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreMessage, CoreReady,
-                                      Heartbeat, Rejected, Shutdown, StepOutputs)
+                                      CpuLayoutChanged, Heartbeat, Rejected, Shutdown, StepOutputs)
 from service.runtime.registry import load_engines
 from service.runtime.warmup import warm_up
 from service.runtime.worker import DeviceWorker
@@ -125,8 +125,15 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     plan = settings.cpu_plan()
     torch.set_num_threads(plan.threads)
     layouts = layouts_to_tune(settings) if settings.resolved_device() == "cpu" else None
+    loop_for_layouts: list[CoreLoop] = []  # the loop, once built: the front end follows each switch
+
+    def switch_layout(layout: CpuLayout) -> None:
+        apply_cpu_layout(layout)
+        for core_loop in loop_for_layouts:
+            core_loop.send(CpuLayoutChanged(layout.name, layout.front_end_cpus))
+
     tuner = None if layouts is None else CpuLayoutTuner(
-        *layouts, apply=apply_cpu_layout, window_s=settings.cpu_layout_window_s,
+        *layouts, apply=switch_layout, window_s=settings.cpu_layout_window_s,
         retune_after_s=settings.cpu_layout_retune_s)
 
     def observe_step(engine_name: str, stats: StepStats, seconds: float) -> None:
@@ -136,6 +143,7 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     worker = DeviceWorker(observe_step if tuner is not None else None)
     served: dict[str, ServedEngine] = {}
     loop = CoreLoop(commands, results, served, worker)
+    loop_for_layouts.append(loop)
     try:
         engines, infos = load_engines(settings)
         if settings.resolved_device() == "cpu":

@@ -1,7 +1,7 @@
 """Every message that crosses the pipe between the API front end and the engine core.
 
     front end -> core    AddRequest | AbortRequest | Shutdown
-    core -> front end    CoreReady | CoreFailed | Admitted | Rejected | StepOutputs | Heartbeat
+    core -> front end    CoreReady | CoreFailed | Admitted | Rejected | StepOutputs | Heartbeat | CpuLayoutChanged
 
 Both sides dispatch with ``match`` over these types; nothing else is ever sent. Parameters and
 outputs are the engines' own frozen dataclasses, so the pipe carries no tensors and no dicts.
@@ -98,4 +98,12 @@ class Heartbeat:
     sent_at: float  # time.monotonic()
 
 
-CoreMessage = CoreReady | CoreFailed | Admitted | Rejected | StepOutputs | Heartbeat
+@dataclass(frozen=True, slots=True)
+class CpuLayoutChanged:
+    """The core's CPU layout tuner switched layouts: the front end moves onto ``front_end_cpus``."""
+
+    layout: str
+    front_end_cpus: frozenset[int]
+
+
+CoreMessage = CoreReady | CoreFailed | Admitted | Rejected | StepOutputs | Heartbeat | CpuLayoutChanged

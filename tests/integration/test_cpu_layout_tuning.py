@@ -1,5 +1,5 @@
 """The CPU layout tuner in the real server: under load the engine core compares its two layouts, logs the
-decision, and every one of its threads ends up on the chosen layout's CPUs."""
+decision, and every thread of the core and of the front end ends up on the chosen layout's CPUs."""
 
 from __future__ import annotations
 
@@ -49,4 +49,10 @@ def test_the_engine_core_settles_on_a_layout_and_moves_every_thread(tmp_path: Pa
         assert set(decision["step_ms_median"]) == {"pinned", "all-cores"}  # type: ignore[arg-type]
         core_pid = int(_events(log, "engine_core_ready")[0]["pid"])  # type: ignore[call-overload]
         for task in os.listdir(f"/proc/{core_pid}/task"):
-            assert sorted(os.sched_getaffinity(int(task))) == decision["cpus"], f"thread {task} was not moved"
+            assert sorted(os.sched_getaffinity(int(task))) == decision["cpus"], f"core thread {task} was not moved"
+        front_end_cpus = {"pinned": cpus[-1:], "all-cores": cpus}[str(decision["layout"])]
+        deadline = time.monotonic() + 5  # the front end reads the switch from the pipe
+        while time.monotonic() < deadline and sorted(os.sched_getaffinity(server.process.pid)) != front_end_cpus:
+            time.sleep(0.05)
+        for task in os.listdir(f"/proc/{server.process.pid}/task"):
+            assert sorted(os.sched_getaffinity(int(task))) == front_end_cpus, f"front-end thread {task} was not moved"

@@ -191,7 +191,9 @@ def test_only_the_default_settings_on_a_cpu_are_tuned(monkeypatch: pytest.Monkey
     monkeypatch.setattr("service.cpu_quota.affinity_cpus", lambda: {0, 1, 2, 3})
     monkeypatch.setattr("service.cpu_quota.cgroup_cpu_limit", lambda *args: None)
     layouts = layouts_to_tune(Settings(models={}, device="cpu"))
-    assert layouts == (CpuLayout("pinned", frozenset({0, 1, 2}), 3), CpuLayout("all-cores", frozenset({0, 1, 2, 3}), 4))
+    every_cpu = frozenset({0, 1, 2, 3})
+    assert layouts == (CpuLayout("pinned", frozenset({0, 1, 2}), 3, front_end_cpus=frozenset({3})),
+                       CpuLayout("all-cores", every_cpu, 4, front_end_cpus=every_cpu))
     assert layouts_to_tune(Settings(models={}, device="cpu", pin_cpus="true")) is None
     assert layouts_to_tune(Settings(models={}, device="cpu", pin_cpus="false")) is None
     assert layouts_to_tune(Settings(models={}, device="cpu", cpu_threads=2)) is None
