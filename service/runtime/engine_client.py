@@ -271,6 +271,9 @@ class EngineClient:
             return
         assert self._loop is not None
         self._core = CoreProcess(self.settings, self._loop, self._on_core_message)
+        split = self.settings.cpu_split()
+        if split is not None:  # a new core starts pinned, whatever layout the old one had tuned to
+            move_process_threads(frozenset(split[1]))
 
     @staticmethod
     def _retire_metrics(pid: int | None) -> None:
