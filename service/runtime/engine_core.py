@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from service.common.errors import EngineError
-from service.common.outputs import RequestOutput, StepStats
+from service.common.outputs import RequestOutput
 from service.runtime.cpu_layout import CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune
 from service.runtime.lifecycle import ServedEngine
 from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreMessage, CoreReady,
@@ -124,31 +124,24 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
         os.sched_setaffinity(0, split[0])  # threads started later (OpenMP's) inherit it
     plan = settings.cpu_plan()
     torch.set_num_threads(plan.threads)
-    layouts = layouts_to_tune(settings) if settings.resolved_device() == "cpu" else None
-    loop_for_layouts: list[CoreLoop] = []  # the loop, once built: the front end follows each switch
-
-    def switch_layout(layout: CpuLayout) -> None:
-        apply_cpu_layout(layout)
-        for core_loop in loop_for_layouts:
-            core_loop.send(CpuLayoutChanged(layout.name, layout.front_end_cpus))
-
-    tuner = None if layouts is None else CpuLayoutTuner(
-        *layouts, apply=switch_layout, window_s=settings.cpu_layout_window_s,
-        retune_after_s=settings.cpu_layout_retune_s)
-
-    def observe_step(engine_name: str, stats: StepStats, seconds: float) -> None:
-        assert tuner is not None
-        tuner.observe((engine_name, stats.batch_size, stats.scheduled_tokens), seconds)
-
-    worker = DeviceWorker(observe_step if tuner is not None else None)
+    worker = DeviceWorker()
     served: dict[str, ServedEngine] = {}
     loop = CoreLoop(commands, results, served, worker)
-    loop_for_layouts.append(loop)
+    layouts = layouts_to_tune(settings) if settings.resolved_device() == "cpu" else None
+    if layouts is not None:
+        def switch_layout(layout: CpuLayout) -> None:
+            apply_cpu_layout(layout)
+            loop.send(CpuLayoutChanged(layout.name, layout.front_end_cpus))  # the front end follows
+
+        tuner = CpuLayoutTuner(*layouts, apply=switch_layout, window_s=settings.cpu_layout_window_s,
+                               retune_after_s=settings.cpu_layout_retune_s)
+        worker.step_observer = lambda engine_name, stats, seconds: tuner.observe(
+            (engine_name, stats.batch_size, stats.scheduled_tokens), seconds)
     try:
         engines, infos = load_engines(settings)
         if settings.resolved_device() == "cpu":
             logger.info(json.dumps({"event": "cpu_plan", "threads": plan.threads, "pinned": plan.pinned,
-                                    "tuned": tuner is not None,
+                                    "tuned": layouts is not None,
                                     "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                     else None}))
         for engine in engines:

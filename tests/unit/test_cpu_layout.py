@@ -11,7 +11,7 @@ import torch
 
 from service.common.outputs import StepStats
 from service.runtime.cpu_layout import (CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune,
-                                        step_time_ratio)
+                                        move_process_threads, step_time_ratio)
 from service.runtime.worker import DeviceWorker
 from service.settings import Settings
 
@@ -199,3 +199,22 @@ def test_only_the_default_settings_on_a_cpu_are_tuned(monkeypatch: pytest.Monkey
     assert layouts_to_tune(Settings(models={}, device="cpu", cpu_threads=2)) is None
     monkeypatch.setattr("service.cpu_quota.affinity_cpus", lambda: {5})
     assert layouts_to_tune(Settings(models={}, device="cpu")) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity (Linux)")
+def test_the_front_end_moves_its_threads_when_the_core_switches_layout() -> None:
+    from service.runtime.engine_client import EngineClient
+    from service.runtime.messages import CpuLayoutChanged
+
+    original = os.sched_getaffinity(0)
+    client = EngineClient(Settings(models={}, device="cpu"))
+    core = object()
+    client._core = core  # type: ignore[assignment]  # the message must come from the current core
+    target = frozenset({min(original)})
+    try:
+        client._on_core_message(object(), CpuLayoutChanged("pinned", target))  # type: ignore[arg-type]
+        assert os.sched_getaffinity(0) == original  # a replaced core's message is ignored
+        client._on_core_message(core, CpuLayoutChanged("pinned", target))  # type: ignore[arg-type]
+        assert os.sched_getaffinity(0) == target
+    finally:
+        move_process_threads(frozenset(original))
