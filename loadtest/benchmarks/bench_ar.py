@@ -84,10 +84,9 @@ class Scenario:
 
 
 def server_environment(scenario: Scenario) -> dict[str, str]:
-    """The peer's environment: its thread count, and the passive OpenMP waits genserve's core uses too
-    (spinning waiters beside the load generator's core cost the peer up to 10x; see engine_core.py)."""
-    threads = {"OMP_NUM_THREADS": str(scenario.threads)} if scenario.threads else {}
-    return {"OMP_WAIT_POLICY": "PASSIVE", **threads}
+    """The peer's environment: what a user gives it, its defaults (libgomp's OpenMP waits, as genserve's
+    core keeps too), plus ``--threads`` when given."""
+    return {"OMP_NUM_THREADS": str(scenario.threads)} if scenario.threads else {}
 
 
 def usable_cpu_count() -> int:
@@ -458,7 +457,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the matmul limit waits as genserve's core does
     scenario, systems, json_out = parse_args(argv)
     ensure_bench_model(scenario.model_path, scenario.shape)
     by_system: dict[str, dict[int, dict[str, Any]]] = {}

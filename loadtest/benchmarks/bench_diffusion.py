@@ -40,11 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# raw and engine run in this process: wait in OpenMP as genserve's engine core does (engine_core.py);
-# libgomp reads this when torch loads, just below.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 from loadtest.clients.diffusion_load import DIGIT_LABELS, ImageRequest, percentile, request_plan, run_image_load
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server

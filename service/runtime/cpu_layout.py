@@ -23,6 +23,14 @@ second round (challenger, incumbent, challenger), and it takes over only if it i
 over both rounds. A trial that finds no steps of the same shape in both layouts keeps the
 incumbent. After ``retune_after_s`` of step time the trial runs again, so a changed load is
 followed. A losing challenger costs one window per trial.
+
+A neighbour that starts computing on one of our CPUs cannot wait for the next retune: OpenMP threads
+spin for a while before they sleep (libgomp's default, which the engine core keeps: passive waits cost
+20-35 % of the step time at 2 threads), and a spinning team with one thread descheduled runs 10x
+slower. So while settled the tuner also compares each step with the chosen layout's trial median of
+the same shape; when the median of the last ``slowdown_steps`` such ratios exceeds ``slowdown``, a
+trial starts at once (measured: all-cores beside a busy process ran 10.9x slower than pinned, which
+a 1-thread team does not feel).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import logging
 import math
 import os
 import statistics
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -94,14 +103,15 @@ class CpuLayoutTuner:
     decision as one ``cpu_layout`` JSON line."""
 
     def __init__(self, pinned: CpuLayout, all_cores: CpuLayout, apply: Callable[[CpuLayout], None],
-                 window_s: float = 0.5, min_window_steps: int = 4, margin: float = 0.05,
-                 retune_after_s: float = 120.0) -> None:
+                 window_s: float = 0.5, min_window_steps: int = 8, margin: float = 0.05,
+                 retune_after_s: float = 120.0, slowdown: float = 1.5, slowdown_steps: int = 8) -> None:
         self.layouts = (pinned, all_cores)
         self._apply = apply
         self.window_s = window_s
         self.min_window_steps = min_window_steps
         self.margin = margin
         self.retune_after_s = retune_after_s
+        self.slowdown = slowdown
         self.current = pinned
         self.decisions: list[dict[str, object]] = []
         self._trial: _Trial | None = None
@@ -109,6 +119,8 @@ class CpuLayoutTuner:
         self._window: list[tuple[StepKey, float]] = []
         self._window_s = 0.0
         self._skip_next = False
+        self._settled_step_s: dict[StepKey, float] = {}  # the chosen layout's trial median per shape
+        self._slowdowns: deque[float] = deque(maxlen=slowdown_steps)
         self._start_trial()
 
     @property
@@ -121,6 +133,11 @@ class CpuLayoutTuner:
             self._settled_for_s += seconds
             if self._settled_for_s >= self.retune_after_s:
                 self._start_trial()
+            elif self._slowed_down(key, seconds):
+                logger.info(json.dumps({"event": "cpu_layout_retune", "layout": self.current.name,
+                                        "reason": "slowdown", "step_time_vs_trial": round(
+                                            statistics.median(self._slowdowns), 2)}))
+                self._start_trial()
             return
         if self._skip_next:
             self._skip_next = False
@@ -129,6 +146,14 @@ class CpuLayoutTuner:
         self._window_s += seconds
         if self._window_s >= self.window_s and len(self._window) >= self.min_window_steps:
             self._close_window(self._trial)
+
+    def _slowed_down(self, key: StepKey, seconds: float) -> bool:
+        reference = self._settled_step_s.get(key)
+        if not reference:
+            return False
+        self._slowdowns.append(seconds / reference)
+        return (len(self._slowdowns) == self._slowdowns.maxlen
+                and statistics.median(self._slowdowns) > self.slowdown)
 
     # ---- trials ---------------------------------------------------------------------------------
 
@@ -166,6 +191,9 @@ class CpuLayoutTuner:
     def _settle(self, trial: _Trial, chosen: CpuLayout, ratio: float | None, steps: int) -> None:
         self._trial = None
         self._settled_for_s = 0.0
+        self._settled_step_s = {key: statistics.median(samples)
+                                for key, samples in trial.samples.get(chosen.name, {}).items()}
+        self._slowdowns.clear()
         self._switch_to(chosen)
         self._skip_next = False
         medians = {name: round(1000 * _pooled_median(by_key), 2) for name, by_key in trial.samples.items()}

@@ -20,11 +20,12 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-# The core's OpenMP threads share CPUs with the HTTP front end (and whatever else runs there). With
-# libgomp's default spinning waits, a waiter that loses its CPU costs whole scheduler slices: 2-thread
-# matmuls measured 10-100x slower beside one busy process, against ~1.1x with passive waits. libgomp
-# reads this when torch loads, which in the spawned core happens after this module is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP waits: libgomp's default is kept (a thread spins ~3 ms at the end of a parallel region, then
+# sleeps), because passive waits cost 20-35 % of a 2-thread step (wake-ups between every op; measured
+# 86-101 vs 134-149 tok/s at 16 streams on the 108 M Llama, docs/benchmarks/cpu_policy.md). Spinning
+# has one hazard: a team that shares a CPU with a busy process runs ~10x slower. The layout tuner
+# (cpu_layout.py) sees that as a slowdown of its step times and falls back to the pinned 1-thread
+# layout, which has no team. OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment still rule.
 
 from service.common.errors import EngineError
 from service.common.outputs import RequestOutput

@@ -98,6 +98,32 @@ def test_the_comparison_runs_again_after_retune_after_s_and_follows_a_changed_lo
     assert [decision["layout"] for decision in core.tuner.decisions][:2] == ["pinned", "all-cores"]
 
 
+def test_a_slowdown_of_the_settled_layout_starts_a_trial_at_once() -> None:
+    """A busy neighbour appears: all-cores (a spinning 2-thread team) slows 10x, pinned barely."""
+    core = SimulatedCore({"pinned": 0.010, "all-cores": 0.007}, retune_after_s=1000.0)
+    core.run(100)
+    assert core.tuner.current is ALL_CORES and not core.tuner.trialling
+    core.step_s = {"pinned": 0.011, "all-cores": 0.070}
+    slow_settled_steps = 0
+    while not core.tuner.trialling:
+        core.run(1)
+        slow_settled_steps += 1
+        assert slow_settled_steps <= 8, "the slowdown was not noticed within slowdown_steps steps"
+    core.run(300)
+    assert core.tuner.current is PINNED and not core.tuner.trialling
+    assert [decision["layout"] for decision in core.tuner.decisions] == ["all-cores", "pinned"]
+
+
+def test_a_small_slowdown_or_an_unseen_shape_does_not_start_a_trial() -> None:
+    core = SimulatedCore({"pinned": 0.010, "all-cores": 0.007}, retune_after_s=1000.0)
+    core.run(100)
+    core.step_s = {"pinned": 0.010, "all-cores": 0.0098}  # 1.4x: contexts grew, say
+    core.run(200)
+    core.step_s = {"pinned": 0.010, "all-cores": 0.5}
+    core.run(200, key=("tiny", 1, 512))  # a shape the trial never ran: nothing to compare with
+    assert not core.tuner.trialling and len(core.tuner.decisions) == 1
+
+
 def test_step_time_ratio_weights_shapes_by_their_fewer_samples() -> None:
     challenger = {"a": [1.0, 1.0, 1.0], "b": [4.0], "only-challenger": [9.0]}
     incumbent = {"a": [2.0, 2.0, 2.0, 2.0], "b": [1.0, 1.0]}
