@@ -68,7 +68,7 @@ class DecodeGraphs:
         flex = FlexAttentionMetadata(num_decodes=size, decode_rows=size, decode_mask=self.mask_inputs.block_mask(size),
                                      prefill=None, compiled=self.compile_attention)
         return ForwardBatch(input_ids=self.input_ids[:size], positions=self.positions[:size],
-                            slot_mapping=self.slot_mapping[:size], num_decodes=size, decode_kv_slots=None,
+                            slot_mapping=self.slot_mapping[:size], num_decodes=size, decode_kv_blocks=None,
                             decode_mask=None, prefills=[], query_lens=[1] * size, flex=flex)
 
     def _fill(self, slices: list[SequenceSlice], size: int) -> None:

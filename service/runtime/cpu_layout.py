@@ -104,7 +104,7 @@ class CpuLayoutTuner:
 
     def __init__(self, pinned: CpuLayout, all_cores: CpuLayout, apply: Callable[[CpuLayout], None],
                  window_s: float = 0.5, min_window_steps: int = 8, margin: float = 0.05,
-                 retune_after_s: float = 120.0, slowdown: float = 1.5, slowdown_steps: int = 8) -> None:
+                 retune_after_s: float = 120.0, slowdown: float = 2.0, slowdown_steps: int = 8) -> None:
         self.layouts = (pinned, all_cores)
         self._apply = apply
         self.window_s = window_s

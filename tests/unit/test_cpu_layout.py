@@ -117,7 +117,7 @@ def test_a_slowdown_of_the_settled_layout_starts_a_trial_at_once() -> None:
 def test_a_small_slowdown_or_an_unseen_shape_does_not_start_a_trial() -> None:
     core = SimulatedCore({"pinned": 0.010, "all-cores": 0.007}, retune_after_s=1000.0)
     core.run(100)
-    core.step_s = {"pinned": 0.010, "all-cores": 0.0098}  # 1.4x: contexts grew, say
+    core.step_s = {"pinned": 0.010, "all-cores": 0.0098}  # 1.4x: contexts grew, or a noisy neighbour
     core.run(200)
     core.step_s = {"pinned": 0.010, "all-cores": 0.5}
     core.run(200, key=("tiny", 1, 512))  # a shape the trial never ran: nothing to compare with

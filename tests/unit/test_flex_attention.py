@@ -146,7 +146,7 @@ def test_attention_settings_reach_the_engine_config(monkeypatch: pytest.MonkeyPa
 def test_flex_batch_skips_the_gather_indices() -> None:
     batch: ForwardBatch = build_forward_batch(random_slices(random.Random(1), [9], [(0, 4)]), BLOCK_SIZE, CPU,
                                               "flex", NUM_POOL_BLOCKS)
-    assert batch.flex is not None and batch.decode_kv_slots is None and batch.prefills == []
+    assert batch.flex is not None and batch.decode_kv_blocks is None and batch.prefills == []
 
 
 def test_greedy_engine_with_flex_matches_torch_and_transformers(tiny_llama_dir: Path) -> None:
