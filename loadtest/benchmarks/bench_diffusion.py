@@ -142,7 +142,7 @@ def usable_cpu_count() -> int:
 def genserve_command(scenario: Scenario, port: int, variant: str = "served") -> list[str]:
     command = [sys.executable, "-m", "service", "--model", f"{MODEL_NAME}={scenario.model_path.resolve()}",
                "--port", str(port), "--device", scenario.device, "--diffusion-max-batch-size", str(scenario.concurrency),
-               "--max-denoise-steps", str(scenario.max_steps), "--log-level", "warning"]
+               "--max-denoise-steps", str(scenario.max_steps), "--log-level", "info"]  # info: the cpu_layout decisions
     if variant == "served" and scenario.threads:
         command += ["--cpu-threads", str(scenario.threads)]
     return command + SERVED_VARIANTS[variant](usable_cpu_count())

@@ -16,7 +16,9 @@ thread, it ran 1.22x faster on all cores. So the tuner measures both under the t
 How it measures: steps are compared only with steps of the same shape (engine, batch size, tokens
 or rows computed), whose cost is the same in both layouts but for the layout. A trial runs the
 incumbent, the challenger and the incumbent again for one window each (``window_s`` of step time
-and at least ``min_window_steps`` steps), so the incumbent brackets the challenger and a load that
+and at least ``min_window_steps`` steps, or ``max_window_steps`` steps when steps are fast: 64 steps
+of a 5 M model's 3 ms give as steady a median as 0.5 s, in a third of the time a losing layout
+runs), so the incumbent brackets the challenger and a load that
 drifts over the trial (contexts growing) biases neither. The first step after a switch is not
 counted (new threads, cold caches). Only a challenger faster by more than ``margin`` gets a
 second round (challenger, incumbent, challenger), and it takes over only if it is still faster
@@ -30,7 +32,10 @@ spin for a while before they sleep (libgomp's default, which the engine core kee
 slower. So while settled the tuner also compares each step with the chosen layout's trial median of
 the same shape; when the median of the last ``slowdown_steps`` such ratios exceeds ``slowdown``, a
 trial starts at once (measured: all-cores beside a busy process ran 10.9x slower than pinned, which
-a 1-thread team does not feel).
+a 1-thread team does not feel). Likewise when the load changes shape: when 3 in 4 of the last 16 settled
+steps have shapes that the trial never compared (it ran on a warm-up's batches of 1-2, the traffic is
+16 wide), a trial starts again; the step time that must pass before that doubles each time, so traffic
+whose shapes never repeat costs a few trials, not one per window.
 """
 
 from __future__ import annotations
@@ -87,6 +92,19 @@ def apply_cpu_layout(layout: CpuLayout) -> None:
 
 
 StepKey = Hashable
+NEW_LOAD_STEPS = 16  # settled steps over which a change of the load's shapes is judged
+
+
+def step_sample(engine_name: str, batch_size: int, scheduled_tokens: int, seconds: float) -> tuple[StepKey, float]:
+    """The (shape, time) the tuner compares for one engine step. An autoregressive step's cost follows
+    its exact batch and token count, which recur under a steady load. A denoising step (no tokens) costs
+    about the same per row, and its rows change at almost every step as images join and leave (a trial
+    at 16 streams found 3 steps of equal rows in both layouts): its shape is a power-of-two bucket of
+    rows, and its time is per row."""
+    if scheduled_tokens:
+        return (engine_name, batch_size, scheduled_tokens), seconds
+    rows = max(batch_size, 1)
+    return (engine_name, "rows", rows.bit_length()), seconds / rows
 
 
 @dataclass
@@ -103,12 +121,13 @@ class CpuLayoutTuner:
     decision as one ``cpu_layout`` JSON line."""
 
     def __init__(self, pinned: CpuLayout, all_cores: CpuLayout, apply: Callable[[CpuLayout], None],
-                 window_s: float = 0.5, min_window_steps: int = 8, margin: float = 0.05,
+                 window_s: float = 0.5, min_window_steps: int = 8, max_window_steps: int = 64, margin: float = 0.05,
                  retune_after_s: float = 120.0, slowdown: float = 2.0, slowdown_steps: int = 8) -> None:
         self.layouts = (pinned, all_cores)
         self._apply = apply
         self.window_s = window_s
         self.min_window_steps = min_window_steps
+        self.max_window_steps = max(max_window_steps, min_window_steps)
         self.margin = margin
         self.retune_after_s = retune_after_s
         self.slowdown = slowdown
@@ -121,6 +140,9 @@ class CpuLayoutTuner:
         self._skip_next = False
         self._settled_step_s: dict[StepKey, float] = {}  # the chosen layout's trial median per shape
         self._slowdowns: deque[float] = deque(maxlen=slowdown_steps)
+        self._compared_keys: set[StepKey] = set()
+        self._recent_compared: deque[bool] = deque(maxlen=NEW_LOAD_STEPS)
+        self._new_load_after_s = 4 * window_s
         self._start_trial()
 
     @property
@@ -138,13 +160,19 @@ class CpuLayoutTuner:
                                         "reason": "slowdown", "step_time_vs_trial": round(
                                             statistics.median(self._slowdowns), 2)}))
                 self._start_trial()
+            elif self._load_changed(key):
+                logger.info(json.dumps({"event": "cpu_layout_retune", "layout": self.current.name,
+                                        "reason": "new_load"}))
+                self._new_load_after_s = min(2 * self._new_load_after_s, self.retune_after_s)
+                self._start_trial()
             return
         if self._skip_next:
             self._skip_next = False
             return
         self._window.append((key, seconds))
         self._window_s += seconds
-        if self._window_s >= self.window_s and len(self._window) >= self.min_window_steps:
+        steps = len(self._window)
+        if (self._window_s >= self.window_s and steps >= self.min_window_steps) or steps >= self.max_window_steps:
             self._close_window(self._trial)
 
     def _slowed_down(self, key: StepKey, seconds: float) -> bool:
@@ -154,6 +182,12 @@ class CpuLayoutTuner:
         self._slowdowns.append(seconds / reference)
         return (len(self._slowdowns) == self._slowdowns.maxlen
                 and statistics.median(self._slowdowns) > self.slowdown)
+
+    def _load_changed(self, key: StepKey) -> bool:
+        self._recent_compared.append(key in self._compared_keys)
+        uncompared = NEW_LOAD_STEPS - sum(self._recent_compared)
+        return (len(self._recent_compared) == NEW_LOAD_STEPS and self._settled_for_s >= self._new_load_after_s
+                and uncompared >= 3 * NEW_LOAD_STEPS // 4)
 
     # ---- trials ---------------------------------------------------------------------------------
 
@@ -194,6 +228,9 @@ class CpuLayoutTuner:
         self._settled_step_s = {key: statistics.median(samples)
                                 for key, samples in trial.samples.get(chosen.name, {}).items()}
         self._slowdowns.clear()
+        self._compared_keys = (trial.samples.get(trial.challenger.name, {}).keys()
+                               & trial.samples.get(trial.incumbent.name, {}).keys())
+        self._recent_compared.clear()
         self._switch_to(chosen)
         self._skip_next = False
         medians = {name: round(1000 * _pooled_median(by_key), 2) for name, by_key in trial.samples.items()}

@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 
 from service.common.errors import EngineError
 from service.common.outputs import RequestOutput
-from service.runtime.cpu_layout import CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune
+from service.runtime.cpu_layout import CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune, step_sample
 from service.runtime.lifecycle import ServedEngine
 from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreMessage, CoreReady,
                                       CpuLayoutChanged, Heartbeat, Rejected, Shutdown, StepOutputs)
@@ -137,7 +137,7 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
         tuner = CpuLayoutTuner(*layouts, apply=switch_layout, window_s=settings.cpu_layout_window_s,
                                retune_after_s=settings.cpu_layout_retune_s)
         worker.step_observer = lambda engine_name, stats, seconds: tuner.observe(
-            (engine_name, stats.batch_size, stats.scheduled_tokens), seconds)
+            *step_sample(engine_name, stats.batch_size, stats.scheduled_tokens, seconds))
     try:
         engines, infos = load_engines(settings)
         if settings.resolved_device() == "cpu":

@@ -11,7 +11,7 @@ import torch
 
 from service.common.outputs import StepStats
 from service.runtime.cpu_layout import (CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune,
-                                        move_process_threads, step_time_ratio)
+                                        move_process_threads, step_sample, step_time_ratio)
 from service.runtime.worker import DeviceWorker
 from service.settings import Settings
 
@@ -55,6 +55,18 @@ def test_a_slower_challenger_costs_one_window_and_the_pinned_layout_stays() -> N
     # one window of >= 0.1 s and >= 4 counted steps, plus the uncounted first step after the switch
     assert core.steps_by_layout["all-cores"] == 4 + 1
     assert core.tuner.decisions[0]["rounds"] == 1
+
+
+def test_fast_steps_close_a_window_after_max_window_steps() -> None:
+    """A 5 M model's 3 ms steps: a losing all-cores window lasts 64 steps, not 0.5 s of step time."""
+    tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: None, window_s=0.5, min_window_steps=8,
+                           max_window_steps=64)
+    steps_by_layout = {"pinned": 0, "all-cores": 0}
+    while tuner.trialling:
+        steps_by_layout[tuner.current.name] += 1
+        tuner.observe(KEY, 0.003 if tuner.current is PINNED else 0.0045)
+    assert tuner.current is PINNED
+    assert steps_by_layout == {"pinned": 2 * 64 + 1, "all-cores": 64 + 1}  # + the uncounted first step after a switch
 
 
 def test_a_challenger_within_the_margin_does_not_take_over() -> None:
@@ -114,14 +126,44 @@ def test_a_slowdown_of_the_settled_layout_starts_a_trial_at_once() -> None:
     assert [decision["layout"] for decision in core.tuner.decisions] == ["all-cores", "pinned"]
 
 
-def test_a_small_slowdown_or_an_unseen_shape_does_not_start_a_trial() -> None:
+def test_a_small_slowdown_does_not_start_a_trial() -> None:
     core = SimulatedCore({"pinned": 0.010, "all-cores": 0.007}, retune_after_s=1000.0)
     core.run(100)
     core.step_s = {"pinned": 0.010, "all-cores": 0.0098}  # 1.4x: contexts grew, or a noisy neighbour
-    core.run(200)
-    core.step_s = {"pinned": 0.010, "all-cores": 0.5}
-    core.run(200, key=("tiny", 1, 512))  # a shape the trial never ran: nothing to compare with
+    core.run(400)
     assert not core.tuner.trialling and len(core.tuner.decisions) == 1
+
+
+def test_a_load_of_shapes_the_trial_never_compared_starts_a_trial() -> None:
+    """The trial ran on a warm-up's 1-row batches, where one thread wins; the traffic is 16 rows wide,
+    where all cores win."""
+    tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: None, window_s=0.1, min_window_steps=4,
+                           retune_after_s=1000.0)
+    warm_up, traffic = ("digits", 1, 1), ("digits", 16, 16)
+    while tuner.trialling:
+        tuner.observe(warm_up, 0.004 if tuner.current is PINNED else 0.006)
+    assert tuner.current is PINNED
+    for _ in range(400):
+        tuner.observe(traffic, 0.030 if tuner.current is PINNED else 0.020)
+    assert [decision["layout"] for decision in tuner.decisions] == ["pinned", "all-cores"]
+    assert tuner.current is ALL_CORES and not tuner.trialling
+
+
+def test_shapes_that_never_repeat_cost_only_a_few_trials() -> None:
+    tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: None, window_s=0.1, min_window_steps=4,
+                           retune_after_s=60.0)
+    for step in range(5000):  # 50 s of step time, every step a new shape
+        tuner.observe(("tiny", step, step), 0.010)
+    # the wait before a new-load trial doubles from 0.4 s: 0.4 + 0.8 + ... + 25.6 < 50 s, so at most 7
+    assert 2 <= len(tuner.decisions) <= 8
+
+
+def test_denoising_steps_compare_per_row_times_in_row_buckets() -> None:
+    assert step_sample("tiny", 32, 48, 0.5) == (("tiny", 32, 48), 0.5)  # autoregressive: the exact shape
+    shape_13, per_row_13 = step_sample("digits", 13, 0, 0.26)
+    shape_16, per_row_16 = step_sample("digits", 16, 0, 0.32)
+    assert shape_13 != shape_16 and per_row_13 == pytest.approx(0.02) and per_row_16 == pytest.approx(0.02)
+    assert step_sample("digits", 9, 0, 0.1)[0] == shape_13 and step_sample("digits", 31, 0, 0.1)[0] == shape_16
 
 
 def test_step_time_ratio_weights_shapes_by_their_fewer_samples() -> None:
