@@ -32,10 +32,9 @@ spin for a while before they sleep (libgomp's default, which the engine core kee
 slower. So while settled the tuner also compares each step with the chosen layout's trial median of
 the same shape; when the median of the last ``slowdown_steps`` such ratios exceeds ``slowdown``, a
 trial starts at once (measured: all-cores beside a busy process ran 10.9x slower than pinned, which
-a 1-thread team does not feel). Likewise when the load changes shape: when 3 in 4 of the last 16 settled
-steps have shapes that the trial never compared (it ran on a warm-up's batches of 1-2, the traffic is
-16 wide), a trial starts again; the step time that must pass before that doubles each time, so traffic
-whose shapes never repeat costs a few trials, not one per window.
+a 1-thread team does not feel). The threshold is 4x because a decode step of the same shape also slows
+as its contexts grow (2.09x within one 108 M wave at 32 streams, which with a 2x threshold started a
+needless trial).
 """
 
 from __future__ import annotations
@@ -92,7 +91,6 @@ def apply_cpu_layout(layout: CpuLayout) -> None:
 
 
 StepKey = Hashable
-NEW_LOAD_STEPS = 16  # settled steps over which a change of the load's shapes is judged
 
 
 def step_sample(engine_name: str, batch_size: int, scheduled_tokens: int, seconds: float) -> tuple[StepKey, float]:
@@ -122,7 +120,7 @@ class CpuLayoutTuner:
 
     def __init__(self, pinned: CpuLayout, all_cores: CpuLayout, apply: Callable[[CpuLayout], None],
                  window_s: float = 0.5, min_window_steps: int = 8, max_window_steps: int = 64, margin: float = 0.05,
-                 retune_after_s: float = 120.0, slowdown: float = 2.0, slowdown_steps: int = 8) -> None:
+                 retune_after_s: float = 120.0, slowdown: float = 4.0, slowdown_steps: int = 8) -> None:
         self.layouts = (pinned, all_cores)
         self._apply = apply
         self.window_s = window_s
@@ -140,9 +138,6 @@ class CpuLayoutTuner:
         self._skip_next = False
         self._settled_step_s: dict[StepKey, float] = {}  # the chosen layout's trial median per shape
         self._slowdowns: deque[float] = deque(maxlen=slowdown_steps)
-        self._compared_keys: set[StepKey] = set()
-        self._recent_compared: deque[bool] = deque(maxlen=NEW_LOAD_STEPS)
-        self._new_load_after_s = 4 * window_s
         self._start_trial()
 
     @property
@@ -159,11 +154,6 @@ class CpuLayoutTuner:
                 logger.info(json.dumps({"event": "cpu_layout_retune", "layout": self.current.name,
                                         "reason": "slowdown", "step_time_vs_trial": round(
                                             statistics.median(self._slowdowns), 2)}))
-                self._start_trial()
-            elif self._load_changed(key):
-                logger.info(json.dumps({"event": "cpu_layout_retune", "layout": self.current.name,
-                                        "reason": "new_load"}))
-                self._new_load_after_s = min(2 * self._new_load_after_s, self.retune_after_s)
                 self._start_trial()
             return
         if self._skip_next:
@@ -182,12 +172,6 @@ class CpuLayoutTuner:
         self._slowdowns.append(seconds / reference)
         return (len(self._slowdowns) == self._slowdowns.maxlen
                 and statistics.median(self._slowdowns) > self.slowdown)
-
-    def _load_changed(self, key: StepKey) -> bool:
-        self._recent_compared.append(key in self._compared_keys)
-        uncompared = NEW_LOAD_STEPS - sum(self._recent_compared)
-        return (len(self._recent_compared) == NEW_LOAD_STEPS and self._settled_for_s >= self._new_load_after_s
-                and uncompared >= 3 * NEW_LOAD_STEPS // 4)
 
     # ---- trials ---------------------------------------------------------------------------------
 
@@ -228,9 +212,6 @@ class CpuLayoutTuner:
         self._settled_step_s = {key: statistics.median(samples)
                                 for key, samples in trial.samples.get(chosen.name, {}).items()}
         self._slowdowns.clear()
-        self._compared_keys = (trial.samples.get(trial.challenger.name, {}).keys()
-                               & trial.samples.get(trial.incumbent.name, {}).keys())
-        self._recent_compared.clear()
         self._switch_to(chosen)
         self._skip_next = False
         medians = {name: round(1000 * _pooled_median(by_key), 2) for name, by_key in trial.samples.items()}
