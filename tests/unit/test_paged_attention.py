@@ -10,23 +10,10 @@ import pytest
 import torch
 
 from service.ar.models.attention import SequenceSlice, build_forward_batch, paged_attention
+from tests.unit.test_flex_attention import BLOCK_SIZE, NUM_POOL_BLOCKS, random_slices
 
 CPU = torch.device("cpu")
-BLOCK_SIZE = 4
-NUM_POOL_BLOCKS = 128
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 8
-
-
-def make_slices(rng: random.Random, decode_contexts: list[int],
-                chunks: list[tuple[int, int]]) -> list[SequenceSlice]:
-    free_blocks = list(range(NUM_POOL_BLOCKS))
-    rng.shuffle(free_blocks)
-
-    def table_for(num_tokens: int) -> list[int]:
-        return [free_blocks.pop() for _ in range(-(-num_tokens // BLOCK_SIZE))]
-
-    slices = [SequenceSlice([1], context - 1, table_for(context)) for context in decode_contexts]
-    return slices + [SequenceSlice([1] * new, cached, table_for(cached + new)) for cached, new in chunks]
 
 
 def naive_attention(slices: list[SequenceSlice], query: torch.Tensor, key_pool: torch.Tensor,
@@ -55,7 +42,7 @@ def naive_attention(slices: list[SequenceSlice], query: torch.Tensor, key_pool: 
 ])
 def test_torch_attention_matches_a_naive_reference(decode_contexts: list[int],
                                                    chunks: list[tuple[int, int]]) -> None:
-    slices = make_slices(random.Random(len(chunks)), decode_contexts, chunks)
+    slices = random_slices(random.Random(len(chunks)), decode_contexts, chunks)
     batch = build_forward_batch(slices, BLOCK_SIZE, CPU)
     generator = torch.Generator().manual_seed(0)
     num_slots = NUM_POOL_BLOCKS * BLOCK_SIZE
@@ -70,8 +57,8 @@ def test_torch_attention_matches_a_naive_reference(decode_contexts: list[int],
 
 
 def test_first_chunks_are_grouped_unless_padding_would_double_the_work() -> None:
-    similar = build_forward_batch(make_slices(random.Random(0), [3], [(0, 7), (4, 2), (0, 9)]), BLOCK_SIZE, CPU)
+    similar = build_forward_batch(random_slices(random.Random(0), [3], [(0, 7), (4, 2), (0, 9)]), BLOCK_SIZE, CPU)
     assert [(group.prompts, group.longest) for group in similar.fresh_prefills] == [(2, 9)]
     assert len(similar.prefills) == 1  # the chunk after 4 cached tokens reads the pool
-    uneven = build_forward_batch(make_slices(random.Random(0), [], [(0, 3), (0, 30), (0, 2)]), BLOCK_SIZE, CPU)
+    uneven = build_forward_batch(random_slices(random.Random(0), [], [(0, 3), (0, 30), (0, 2)]), BLOCK_SIZE, CPU)
     assert [(group.prompts, group.longest) for group in uneven.fresh_prefills] == [(1, 3), (1, 30), (1, 2)]
