@@ -111,8 +111,8 @@ class Settings(BaseSettings):
     pin_cpus: PinSetting = Field("auto", description="on a CPU device with 2+ cores: true = pin the engine core to "
                                  "all cores but the last (the HTTP front end's); false = pin nothing; auto = start "
                                  "pinned and, under load, keep pinned or all cores, whichever steps faster")
-    cpu_layout_window_s: float = Field(0.5, gt=0, description="--pin-cpus auto: step time each layout runs per "
-                                       "comparison window")
+    cpu_layout_window_s: float = Field(0.2, gt=0, description="--pin-cpus auto: step time of one comparison "
+                                       "window (a trial alternates the layouts over seven)")
     cpu_layout_retune_s: float = Field(120.0, gt=0, description="--pin-cpus auto: step time between two "
                                        "comparisons of the layouts")
     # Sharing one device (runtime/worker.py): steps each engine runs per round-robin cycle while busy

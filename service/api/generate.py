@@ -54,9 +54,10 @@ def deadline(timeout_s: float | None, settings: Settings) -> float | None:
 
 
 async def submit(client: EngineClient, model: str, params: EngineParams, settings: Settings,
-                 timeout_s: float | None = None) -> RequestStream:
+                 timeout_s: float | None = None, final_only: bool = False) -> RequestStream:
     try:
-        return await client.submit(model, params, deadline(timeout_s, settings), settings.max_queue_wait_s or None)
+        return await client.submit(model, params, deadline(timeout_s, settings), settings.max_queue_wait_s or None,
+                                   final_only=final_only)
     except EngineError as error:
         raise api_error(error, settings.retry_after_s) from error
 
@@ -99,7 +100,7 @@ async def generate(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     prepared = await prepare(request)
     stream = await submit(request.app.state.engine_client, prepared.model, prepared.params, settings,
-                          prepared.timeout_s)
+                          prepared.timeout_s, final_only=not prepared.stream)
     if prepared.stream:
         return EventSourceResponse(sse_stream(stream, request, settings.sse_ping_s), headers=SSE_HEADERS)
     return await json_answer(stream, request)

@@ -52,7 +52,7 @@ async def image_generations(request: Request) -> Response:
         raise APIError(400, "unsupported_response_format", "response_format 'url' is not supported: this server "
                        "keeps no images to link to; send response_format 'b64_json'", param="response_format")
     params = engine_params(body, info, settings)
-    stream = await submit(request.app.state.engine_client, model, params, settings)
+    stream = await submit(request.app.state.engine_client, model, params, settings, final_only=not body.stream)
     created = int(time.time())
     size = f"{params.width}x{params.height}" if params.width is not None else model_size(info)
     if body.stream:

@@ -14,17 +14,17 @@ faster pinned; on an AVX2 CPU in float32, whose matmuls are slower and gain more
 thread, it ran 1.22x faster on all cores. So the tuner measures both under the traffic it serves.
 
 How it measures: steps are compared only with steps of the same shape (engine, batch size, tokens
-or rows computed), whose cost is the same in both layouts but for the layout. A trial runs the
-incumbent, the challenger and the incumbent again for one window each (``window_s`` of step time
-and at least ``min_window_steps`` steps, or ``max_window_steps`` steps when steps are fast: 64 steps
-of a 5 M model's 3 ms give as steady a median as 0.5 s, in a third of the time a losing layout
-runs), so the incumbent brackets the challenger and a load that
-drifts over the trial (contexts growing) biases neither. The first step after a switch is not
-counted (new threads, cold caches). Only a challenger faster by more than ``margin`` gets a
-second round (challenger, incumbent, challenger), and it takes over only if it is still faster
-over both rounds. A trial that finds no steps of the same shape in both layouts keeps the
-incumbent. After ``retune_after_s`` of step time the trial runs again, so a changed load is
-followed. A losing challenger costs one window per trial.
+or rows computed), whose cost is the same in both layouts but for the layout. A trial alternates the
+layouts window by window, incumbent first and last (I C I C I C I: ``challenger_windows`` of the
+challenger's), each window ``window_s`` of step time and at least ``min_window_steps`` steps, or
+``max_window_steps`` steps when steps are fast. The incumbent brackets the challenger, so a load that
+drifts over the trial (contexts growing) biases neither; and short alternating windows share out the
+host's slow spells, which come in bursts (measured: runs of 20 decode steps 40 % slower in either
+layout, which decided a trial of three 20-step windows the wrong way). The first step after a switch
+is not counted (new threads, cold caches). The challenger takes over if its steps are faster by more
+than ``margin``. A trial that finds no steps of the same shape in both layouts keeps the incumbent.
+After ``retune_after_s`` of step time the trial runs again, so a changed load is followed. A losing
+challenger costs ``challenger_windows`` windows per trial.
 
 A neighbour that starts computing on one of our CPUs cannot wait for the next retune: OpenMP threads
 spin for a while before they sleep (libgomp's default, which the engine core keeps: passive waits cost
@@ -35,6 +35,17 @@ trial starts at once (measured: all-cores beside a busy process ran 10.9x slower
 a 1-thread team does not feel). The threshold is 4x because a decode step of the same shape also slows
 as its contexts grow (2.09x within one 108 M wave at 32 streams, which with a 2x threshold started a
 needless trial).
+
+The first trial waits for ``warmup_steps`` steps. A new process's first steps run slow in either
+layout (the server's own warm-up requests, kernels built for each new shape, the clients' first
+connections; measured: the first 16-row denoising steps took 30 ms pinned, later ones 19 ms), and the
+incumbent's first window would carry all of it.
+
+A trial can also miss the load that follows it: the first one runs on whatever arrives first, such as a
+burst of images draining from 16 rows to 1, while the steady load that comes next runs full batches.
+So a step shape that no trial compared, once it has run ``new_shape_steps`` times while settled,
+starts a trial at once. Each shape does so at most once, so a load of ever-new shapes costs no more
+than that.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ import logging
 import math
 import os
 import statistics
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -111,7 +122,7 @@ class _Trial:
     challenger: CpuLayout
     windows: list[CpuLayout]  # still to run, the current one first
     samples: dict[str, dict[StepKey, list[float]]] = field(default_factory=dict)
-    round: int = 1
+    windows_run: int = 0
 
 
 class CpuLayoutTuner:
@@ -119,13 +130,17 @@ class CpuLayoutTuner:
     decision as one ``cpu_layout`` JSON line."""
 
     def __init__(self, pinned: CpuLayout, all_cores: CpuLayout, apply: Callable[[CpuLayout], None],
-                 window_s: float = 0.5, min_window_steps: int = 8, max_window_steps: int = 64, margin: float = 0.05,
-                 retune_after_s: float = 120.0, slowdown: float = 4.0, slowdown_steps: int = 8) -> None:
+                 window_s: float = 0.2, min_window_steps: int = 8, max_window_steps: int = 24,
+                 challenger_windows: int = 3, margin: float = 0.05, retune_after_s: float = 120.0,
+                 slowdown: float = 4.0, slowdown_steps: int = 8, warmup_steps: int = 0,
+                 new_shape_steps: int = 64) -> None:
         self.layouts = (pinned, all_cores)
         self._apply = apply
         self.window_s = window_s
         self.min_window_steps = min_window_steps
         self.max_window_steps = max(max_window_steps, min_window_steps)
+        self.challenger_windows = challenger_windows
+        self.new_shape_steps = new_shape_steps
         self.margin = margin
         self.retune_after_s = retune_after_s
         self.slowdown = slowdown
@@ -138,7 +153,12 @@ class CpuLayoutTuner:
         self._skip_next = False
         self._settled_step_s: dict[StepKey, float] = {}  # the chosen layout's trial median per shape
         self._slowdowns: deque[float] = deque(maxlen=slowdown_steps)
-        self._start_trial()
+        self._compared: set[StepKey] = set()  # shapes that some trial ran in both layouts
+        self._uncompared_steps: Counter[StepKey] = Counter()  # settled steps of the other shapes
+        self._new_shape_trials: set[StepKey] = set()  # shapes that started a trial (once each)
+        self._warmup_steps_left = warmup_steps
+        if not warmup_steps:
+            self._start_trial()
 
     @property
     def trialling(self) -> bool:
@@ -146,6 +166,11 @@ class CpuLayoutTuner:
 
     def observe(self, key: StepKey, seconds: float) -> None:
         """One engine step of shape ``key`` took ``seconds`` under ``self.current``."""
+        if self._warmup_steps_left:
+            self._warmup_steps_left -= 1
+            if not self._warmup_steps_left:
+                self._start_trial()
+            return
         if self._trial is None:
             self._settled_for_s += seconds
             if self._settled_for_s >= self.retune_after_s:
@@ -154,6 +179,11 @@ class CpuLayoutTuner:
                 logger.info(json.dumps({"event": "cpu_layout_retune", "layout": self.current.name,
                                         "reason": "slowdown", "step_time_vs_trial": round(
                                             statistics.median(self._slowdowns), 2)}))
+                self._start_trial()
+            elif self._is_new_steady_shape(key):
+                logger.info(json.dumps({"event": "cpu_layout_retune", "layout": self.current.name,
+                                        "reason": "uncompared_shape", "shape": repr(key)}))
+                self._new_shape_trials.add(key)
                 self._start_trial()
             return
         if self._skip_next:
@@ -164,6 +194,12 @@ class CpuLayoutTuner:
         steps = len(self._window)
         if (self._window_s >= self.window_s and steps >= self.min_window_steps) or steps >= self.max_window_steps:
             self._close_window(self._trial)
+
+    def _is_new_steady_shape(self, key: StepKey) -> bool:
+        if key in self._compared or key in self._new_shape_trials:
+            return False
+        self._uncompared_steps[key] += 1
+        return self._uncompared_steps[key] >= self.new_shape_steps
 
     def _slowed_down(self, key: StepKey, seconds: float) -> bool:
         reference = self._settled_step_s.get(key)
@@ -178,7 +214,7 @@ class CpuLayoutTuner:
     def _start_trial(self) -> None:
         incumbent = self.current
         challenger = self.layouts[1] if incumbent is self.layouts[0] else self.layouts[0]
-        self._trial = _Trial(incumbent, challenger, [incumbent, challenger, incumbent])
+        self._trial = _Trial(incumbent, challenger, [incumbent, challenger] * self.challenger_windows + [incumbent])
 
     def _switch_to(self, layout: CpuLayout) -> None:
         if layout is not self.current:
@@ -192,17 +228,13 @@ class CpuLayoutTuner:
             by_key.setdefault(key, []).append(seconds)
         self._window, self._window_s = [], 0.0
         trial.windows.pop(0)
+        trial.windows_run += 1
         if trial.windows:
             self._switch_to(trial.windows[0])
             return
         ratio, steps = step_time_ratio(trial.samples.get(trial.challenger.name, {}),
                                        trial.samples.get(trial.incumbent.name, {}))
         challenger_faster = ratio is not None and ratio < 1.0 - self.margin
-        if challenger_faster and trial.round == 1:
-            trial.round = 2
-            trial.windows = [trial.challenger, trial.incumbent, trial.challenger]
-            self._switch_to(trial.challenger)
-            return
         chosen = trial.challenger if challenger_faster else trial.incumbent
         self._settle(trial, chosen, ratio, steps)
 
@@ -212,12 +244,15 @@ class CpuLayoutTuner:
         self._settled_step_s = {key: statistics.median(samples)
                                 for key, samples in trial.samples.get(chosen.name, {}).items()}
         self._slowdowns.clear()
+        self._compared |= (trial.samples.get(trial.challenger.name, {}).keys()
+                           & trial.samples.get(trial.incumbent.name, {}).keys())
+        self._uncompared_steps.clear()
         self._switch_to(chosen)
         self._skip_next = False
         medians = {name: round(1000 * _pooled_median(by_key), 2) for name, by_key in trial.samples.items()}
         decision: dict[str, object] = {
             "event": "cpu_layout", "layout": chosen.name, "threads": chosen.threads, "cpus": sorted(chosen.cpus),
-            "step_ms_median": medians, "steps_compared": steps, "rounds": trial.round,
+            "step_ms_median": medians, "steps_compared": steps, "windows": trial.windows_run,
             f"{trial.challenger.name}_vs_{trial.incumbent.name}_step_time": None if ratio is None else round(ratio, 3),
         }
         self.decisions.append(decision)

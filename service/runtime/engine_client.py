@@ -286,8 +286,10 @@ class EngineClient:
     # ---- requests --------------------------------------------------------------------------------
 
     async def submit(self, model: str, params: EngineParams, timeout_s: float | None = None,
-                     max_queue_wait_s: float | None = None, request_id: str | None = None) -> RequestStream:
-        """Queue a request; raises the ``EngineError`` the core answers with (``QueueFull``, ...)."""
+                     max_queue_wait_s: float | None = None, request_id: str | None = None,
+                     final_only: bool = False) -> RequestStream:
+        """Queue a request; raises the ``EngineError`` the core answers with (``QueueFull``, ...).
+        ``final_only``: the stream gets only the finished output (for an answer that is not streamed)."""
         if self.state is not CoreState.READY or self._core is None:
             raise EngineUnavailable(f"the engine core is {self.state.value}; retry later")
         loop = asyncio.get_running_loop()
@@ -299,7 +301,7 @@ class EngineClient:
         self._admissions[stream.request_id] = admitted
         try:
             self._core.send(AddRequest(stream.request_id, model, params, stream.arrival_time, timeout_s,
-                                       max_queue_wait_s))
+                                       max_queue_wait_s, final_only))
             await admitted
         except BaseException:
             self._streams.pop(stream.request_id, None)

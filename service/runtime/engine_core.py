@@ -40,6 +40,7 @@ from service.settings import Settings
 
 logger = logging.getLogger("genserve.core")
 HEARTBEAT_INTERVAL_S = 0.5
+CPU_LAYOUT_WARMUP_STEPS = 64  # steps before the first layout trial (cpu_layout.py)
 
 
 class CoreLoop:
@@ -91,7 +92,7 @@ class CoreLoop:
         try:
             engine = self._engines[message.model]
             engine.submit(message.request_id, message.params, message.arrival_time, message.timeout_s,
-                          message.max_queue_wait_s)
+                          message.max_queue_wait_s, message.final_only)
         except EngineError as error:
             self.send(Rejected(message.request_id, error))
         except Exception:  # never let one request stop the loop
@@ -135,7 +136,7 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
             loop.send(CpuLayoutChanged(layout.name, layout.front_end_cpus))  # the front end follows
 
         tuner = CpuLayoutTuner(*layouts, apply=switch_layout, window_s=settings.cpu_layout_window_s,
-                               retune_after_s=settings.cpu_layout_retune_s)
+                               retune_after_s=settings.cpu_layout_retune_s, warmup_steps=CPU_LAYOUT_WARMUP_STEPS)
         worker.step_observer = lambda engine_name, stats, seconds: tuner.observe(
             *step_sample(engine_name, stats.batch_size, stats.scheduled_tokens, seconds))
     try:

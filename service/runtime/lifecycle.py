@@ -62,6 +62,7 @@ class TrackedRequest:
     arrival_time: float
     deadline: float | None
     start_deadline: float | None
+    final_only: bool = False  # emit only the finished output
     started_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -88,8 +89,12 @@ class ServedEngine:
     # ---- between steps ------------------------------------------------------------------------
 
     def submit(self, request_id: str, params: Any, arrival_time: float | None = None,
-               timeout_s: float | None = None, max_queue_wait_s: float | None = None) -> None:
+               timeout_s: float | None = None, max_queue_wait_s: float | None = None,
+               final_only: bool = False) -> None:
         """Admit a request or raise: ``QueueFull``, or the engine's own ``InvalidRequest``/``PromptTooLong``.
+
+        ``final_only``: the request's per-step outputs are accounted (TTFT, inter-token times) but not
+        emitted; its finished output carries the whole result.
 
         Only waiting requests beyond the batch's free slots count against the queue bound: a burst
         that fits in the batch is never refused.
@@ -101,7 +106,7 @@ class ServedEngine:
         self.engine.add_request(request_id, params)
         self._requests[request_id] = TrackedRequest(
             arrival, None if timeout_s is None else arrival + timeout_s,
-            None if max_queue_wait_s is None else arrival + max_queue_wait_s)
+            None if max_queue_wait_s is None else arrival + max_queue_wait_s, final_only)
 
     def abort(self, request_id: str) -> None:
         self._end(request_id, "cancelled")
@@ -129,7 +134,12 @@ class ServedEngine:
             if tracked is not None:
                 tracked.started_at = now
                 self._recorder.queue_wait(now - tracked.arrival_time)
-        outputs = [self._account(output, now) for output in report.outputs]
+        outputs = []
+        for output in report.outputs:
+            tracked = self._requests.get(output.request_id)
+            accounted = self._account(output, now)
+            if accounted.finished or tracked is None or not tracked.final_only:
+                outputs.append(accounted)
         self._recorder.step(report.stats)
         if outputs:
             self._emit(outputs)

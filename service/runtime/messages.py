@@ -30,6 +30,9 @@ class AddRequest:
     arrival_time: float  # time.monotonic() in the front end: one clock for both processes on Linux
     timeout_s: float | None = None  # the engine ends the request with finish_reason "timeout" past it
     max_queue_wait_s: float | None = None  # refuse it (503) if it has not started by then
+    # only the finished output crosses the pipe (a non-streamed answer): no per-step message that
+    # the front end would wake up for and drop
+    final_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,28 +37,28 @@ class SimulatedCore:
             self.tuner.observe(key, self.step_s[name])
 
 
-def test_a_faster_all_cores_layout_takes_over_after_a_confirming_round() -> None:
+def test_a_faster_all_cores_layout_takes_over_after_the_alternating_windows() -> None:
     core = SimulatedCore({"pinned": 0.010, "all-cores": 0.007})
     core.run(200)
     assert not core.tuner.trialling and core.tuner.current is ALL_CORES
-    # trial 1: pinned, all-cores, pinned; all-cores was faster, so round 2: all-cores, pinned, all-cores
-    assert core.applied == ["all-cores", "pinned", "all-cores", "pinned", "all-cores"]
+    # the trial: pinned, all-cores, pinned, all-cores, pinned, all-cores, pinned; then all-cores stays
+    assert core.applied == ["all-cores", "pinned"] * 3 + ["all-cores"]
     decision = core.tuner.decisions[0]
-    assert decision["layout"] == "all-cores" and decision["rounds"] == 2
+    assert decision["layout"] == "all-cores" and decision["windows"] == 7
     assert decision["all-cores_vs_pinned_step_time"] == pytest.approx(0.7, abs=1e-3)
 
 
-def test_a_slower_challenger_costs_one_window_and_the_pinned_layout_stays() -> None:
+def test_a_slower_challenger_costs_its_three_windows_and_the_pinned_layout_stays() -> None:
     core = SimulatedCore({"pinned": 0.010, "all-cores": 0.025})
     core.run(300)
-    assert core.tuner.current is PINNED and core.applied == ["all-cores", "pinned"]
-    # one window of >= 0.1 s and >= 4 counted steps, plus the uncounted first step after the switch
-    assert core.steps_by_layout["all-cores"] == 4 + 1
-    assert core.tuner.decisions[0]["rounds"] == 1
+    assert core.tuner.current is PINNED and core.applied == ["all-cores", "pinned"] * 3
+    # three windows of >= 0.1 s and >= 4 counted steps, each plus the uncounted first step after the switch
+    assert core.steps_by_layout["all-cores"] == 3 * (4 + 1)
+    assert core.tuner.decisions[0]["windows"] == 7
 
 
 def test_fast_steps_close_a_window_after_max_window_steps() -> None:
-    """A 5 M model's 3 ms steps: a losing all-cores window lasts 64 steps, not 0.5 s of step time."""
+    """A 5 M model's 3 ms steps: a losing all-cores window lasts 64 steps here, not 0.5 s of step time."""
     tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: None, window_s=0.5, min_window_steps=8,
                            max_window_steps=64)
     steps_by_layout = {"pinned": 0, "all-cores": 0}
@@ -66,13 +66,14 @@ def test_fast_steps_close_a_window_after_max_window_steps() -> None:
         steps_by_layout[tuner.current.name] += 1
         tuner.observe(KEY, 0.003 if tuner.current is PINNED else 0.0045)
     assert tuner.current is PINNED
-    assert steps_by_layout == {"pinned": 2 * 64 + 1, "all-cores": 64 + 1}  # + the uncounted first step after a switch
+    # + the uncounted first step after each switch (the first pinned window needs no switch)
+    assert steps_by_layout == {"pinned": 4 * 64 + 3, "all-cores": 3 * (64 + 1)}
 
 
 def test_a_challenger_within_the_margin_does_not_take_over() -> None:
     core = SimulatedCore({"pinned": 0.010, "all-cores": 0.0097}, margin=0.05)
     core.run(300)
-    assert core.tuner.current is PINNED and core.tuner.decisions[0]["rounds"] == 1
+    assert core.tuner.current is PINNED and core.tuner.decisions[0]["windows"] == 7
 
 
 def test_the_first_step_after_a_switch_is_not_counted() -> None:
@@ -106,6 +107,8 @@ def test_the_comparison_runs_again_after_retune_after_s_and_follows_a_changed_lo
     assert core.tuner.current is PINNED and len(core.tuner.decisions) == 1
     core.step_s = {"pinned": 0.010, "all-cores": 0.005}  # the load changed: all-cores now wins
     core.run(400)
+    while core.tuner.trialling:
+        core.run(1)
     assert core.tuner.current is ALL_CORES
     assert [decision["layout"] for decision in core.tuner.decisions][:2] == ["pinned", "all-cores"]
 
@@ -274,3 +277,64 @@ def test_the_engine_core_leaves_openmp_waits_to_libgomp(monkeypatch: pytest.Monk
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     importlib.reload(engine_core)
     assert "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_a_steady_shape_that_no_trial_compared_starts_one_once() -> None:
+    """The first trial ran on a draining burst (small batches, where the layouts tie); the steady load
+    that follows runs full batches, where all-cores is faster, and must not wait for retune_after_s."""
+    step_s = {("digits", "rows", 2): {"pinned": 0.010, "all-cores": 0.010},
+              ("digits", "rows", 5): {"pinned": 0.010, "all-cores": 0.006}}
+    applied: list[str] = []
+    tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: applied.append(layout.name), window_s=0.1,
+                           min_window_steps=4, max_window_steps=16, new_shape_steps=16, retune_after_s=1000.0)
+
+    def run(key: tuple[str, str, int], steps: int) -> None:
+        for _ in range(steps):
+            tuner.observe(key, step_s[key][tuner.current.name])
+
+    run(("digits", "rows", 2), 100)
+    assert not tuner.trialling and tuner.current is PINNED and len(tuner.decisions) == 1
+    run(("digits", "rows", 5), 15)
+    assert not tuner.trialling, "started before the new shape had run new_shape_steps times"
+    run(("digits", "rows", 5), 1)
+    assert tuner.trialling
+    run(("digits", "rows", 5), 200)
+    assert tuner.current is ALL_CORES and len(tuner.decisions) == 2
+
+    # the layouts tie on a third shape: its trial keeps all-cores, and it never starts another
+    step_s[("digits", "rows", 4)] = {"pinned": 0.010, "all-cores": 0.010}
+    run(("digits", "rows", 4), 500)
+    assert tuner.current is ALL_CORES and len(tuner.decisions) == 3 and not tuner.trialling
+
+
+def test_a_shape_whose_trial_missed_it_does_not_start_trials_again() -> None:
+    """The load changed during the new shape's own trial: that shape still starts no second one."""
+    tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: None, window_s=0.1, min_window_steps=4,
+                           max_window_steps=16, new_shape_steps=16, retune_after_s=1000.0)
+    for _ in range(100):
+        tuner.observe(("tiny", 8, 8), 0.01)
+    assert not tuner.trialling
+    for _ in range(16):
+        tuner.observe(("tiny", 16, 16), 0.01)
+    assert tuner.trialling
+    while tuner.trialling:  # all-cores' window sees another shape: nothing is compared
+        tuner.observe(("tiny", 16, 16) if tuner.current is PINNED else ("tiny", 4, 4), 0.01)
+    assert len(tuner.decisions) == 2 and tuner.decisions[1]["steps_compared"] == 0
+    for _ in range(300):
+        tuner.observe(("tiny", 16, 16), 0.01)
+    assert len(tuner.decisions) == 2 and not tuner.trialling
+
+
+def test_the_first_trial_waits_for_the_warmup_steps() -> None:
+    """The process's first steps are slow in any layout: none of them is counted for either layout."""
+    applied: list[str] = []
+    tuner = CpuLayoutTuner(PINNED, ALL_CORES, apply=lambda layout: applied.append(layout.name), window_s=0.1,
+                           min_window_steps=4, warmup_steps=20)
+    for _ in range(20):
+        assert not tuner.trialling
+        tuner.observe(KEY, 1.0)  # a cold start, 100x slower than the pinned layout's real steps
+    assert tuner.trialling and applied == []
+    for _ in range(200):
+        tuner.observe(KEY, 0.01 if tuner.current is PINNED else 0.012)
+    decision = tuner.decisions[0]
+    assert decision["layout"] == "pinned" and decision["step_ms_median"] == {"pinned": 10.0, "all-cores": 12.0}

@@ -118,6 +118,25 @@ def test_timings_and_latency_histograms_follow_the_clock_exactly(model_dir: Path
     assert (harness.served.name, harness.served.paradigm) == (harness.name, "autoregressive")
 
 
+def test_a_final_only_request_emits_its_finished_output_alone_and_is_still_timed(
+        model_dir: Path, clock: ManualClock) -> None:
+    """A non-streamed answer: no per-step output crosses the pipe, but its tokens are still timed and the
+    final output carries the whole text; a streamed request beside it gets every delta."""
+    harness = Harness(model_dir)
+    quiet = harness.submit(max_tokens=3, final_only=True)
+    streamed = harness.submit(max_tokens=3)
+    for now in (100.5, 101.0, 101.5):
+        harness.step_at(clock, now)
+    assert [output.finished for output in harness.outputs(quiet)] == [True]
+    assert [output.finished for output in harness.outputs(streamed)] == [False, False, True]
+    final, reference = harness.final(quiet).result, harness.final(streamed).result
+    assert isinstance(final, TextResult) and isinstance(reference, TextResult)
+    assert final.token_ids == reference.token_ids and len(final.token_ids) == 3 and final.text == reference.text
+    assert harness.final(quiet).timings.ttft_s == 0.5  # type: ignore[union-attr]
+    assert harness.sample("genserve_time_to_first_token_seconds_count") == 2
+    assert harness.sample("genserve_inter_token_latency_seconds_count") == 4
+
+
 def test_a_request_that_waits_for_a_slot_has_its_queue_time_and_an_explicit_arrival(
         model_dir: Path, clock: ManualClock) -> None:
     harness = Harness(model_dir, max_batch_size=1)
