@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 
 from service.common.errors import EngineError
 from service.common.outputs import RequestOutput
+from service.runtime import metrics
 from service.runtime.cpu_layout import CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune, step_sample
 from service.runtime.lifecycle import ServedEngine
 from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreMessage, CoreReady,
@@ -133,6 +134,7 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     if layouts is not None:
         def switch_layout(layout: CpuLayout) -> None:
             apply_cpu_layout(layout)
+            metrics.record_cpu_layout(layout.name, layout.threads, switched=True)
             loop.send(CpuLayoutChanged(layout.name, layout.front_end_cpus))  # the front end follows
 
         tuner = CpuLayoutTuner(*layouts, apply=switch_layout, window_s=settings.cpu_layout_window_s,
@@ -142,6 +144,7 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     try:
         engines, infos = load_engines(settings)
         if settings.resolved_device() == "cpu":
+            metrics.record_cpu_layout("pinned" if plan.pinned else "unpinned", plan.threads)
             logger.info(json.dumps({"event": "cpu_plan", "threads": plan.threads, "pinned": plan.pinned,
                                     "tuned": layouts is not None,
                                     "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")

@@ -61,6 +61,15 @@ REQUESTS_WAITING = Gauge(
 KV_CACHE_USAGE = Gauge(
     "genserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", ["paradigm", "modality", "model"],
     registry=REGISTRY, multiprocess_mode="livesum")
+CPU_LAYOUT = Gauge(
+    "genserve_cpu_layout", "1 for the CPU layout the engine core computes on (pinned, all-cores, unpinned), 0 for "
+    "one it left", ["layout"], registry=REGISTRY, multiprocess_mode="livesum")
+CPU_THREADS = Gauge(
+    "genserve_cpu_threads", "The engine core's torch intra-op threads", registry=REGISTRY,
+    multiprocess_mode="livesum")
+CPU_LAYOUT_SWITCHES = Counter(
+    "genserve_cpu_layout_switches", "Switches between CPU layouts (the tuner's trials and decisions)",
+    registry=REGISTRY)
 
 REQUESTS_TOTAL = Counter(
     "genserve_requests", "Finished requests", ["paradigm", "modality", "model", "outcome"], registry=REGISTRY)
@@ -79,6 +88,19 @@ IMAGES = Counter(
     "genserve_images", "Images generated", ["paradigm", "modality", "model"], registry=REGISTRY)
 HTTP_REJECTIONS = Counter(
     "genserve_http_rejections", "Requests rejected before reaching an engine", ["status"], registry=REGISTRY)
+
+
+_layouts_reported: set[str] = set()
+
+
+def record_cpu_layout(layout: str, threads: int, switched: bool = False) -> None:
+    """The engine core's CPU layout (``runtime/cpu_layout.py``): set at start and at every switch."""
+    _layouts_reported.add(layout)
+    for name in _layouts_reported:
+        CPU_LAYOUT.labels(layout=name).set(1 if name == layout else 0)
+    CPU_THREADS.set(threads)
+    if switched:
+        CPU_LAYOUT_SWITCHES.inc()
 
 
 class EngineRecorder:

@@ -12,7 +12,7 @@ import pytest
 
 from service import cpu_quota
 from tests.fixtures.tiny_models import build_tiny_llama
-from tests.integration.server import running_server
+from tests.integration.server import metric_samples, metric_value, running_server
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(cpu_quota.affinity_cpus()) < 2
                                 or cpu_quota.usable_cpu_count() < 2, reason="needs two usable CPUs")
@@ -56,3 +56,10 @@ def test_the_engine_core_settles_on_a_layout_and_moves_every_thread(tmp_path: Pa
             time.sleep(0.05)
         for task in os.listdir(f"/proc/{server.process.pid}/task"):
             assert sorted(os.sched_getaffinity(int(task))) == front_end_cpus, f"front-end thread {task} was not moved"
+        with server.client() as http:
+            samples = metric_samples(http.get("/metrics").text)
+        other = {"pinned": "all-cores", "all-cores": "pinned"}[str(decision["layout"])]
+        assert metric_value(samples, "genserve_cpu_layout", layout=str(decision["layout"])) == 1
+        assert metric_value(samples, "genserve_cpu_layout", layout=other) == 0
+        assert metric_value(samples, "genserve_cpu_threads") == decision["threads"]
+        assert metric_value(samples, "genserve_cpu_layout_switches_total") >= 6  # the trial's seven windows
