@@ -44,7 +44,7 @@ import torch
 
 from loadtest.clients.diffusion_load import DIGIT_LABELS, ImageRequest, percentile, request_plan, run_image_load
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server
-from service.settings import Settings
+from loadtest.benchmarks.placement import placed_like_genserve
 
 SYSTEMS = ("serial", "raw", "raw-all-cores", "engine", "served", "served-pinned", "served-all-cores")
 RAW_LAYOUTS = ("raw", "raw-all-cores")
@@ -262,26 +262,13 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @contextmanager
-def placed_like_genserve(scenario: Scenario, in_process: bool, all_cores: bool = False) -> Iterator[None]:
-    """raw and engine compute on the CPUs and threads genserve's default engine core starts with (pinned
-    off the last CPU), or with ``all_cores`` on every CPU with a thread each; a served system's load client
-    runs on the front end's CPU. ``--threads`` keeps the process unpinned instead."""
-    settings = Settings(models={}, device=scenario.device)
-    split = settings.cpu_split()
-    if scenario.threads or split is None:
+def placed_for(scenario: Scenario, in_process: bool, all_cores: bool = False) -> Iterator[None]:
+    """``placed_like_genserve``, unless ``--threads`` keeps the process unpinned with that many threads."""
+    if scenario.threads:
         yield
         return
-    previous_cpus, previous_threads = os.sched_getaffinity(0), torch.get_num_threads()
-    if in_process:
-        os.sched_setaffinity(0, split[0] | split[1] if all_cores else split[0])
-        torch.set_num_threads(settings.usable_cpu_threads() if all_cores else settings.resolved_cpu_threads())
-    else:
-        os.sched_setaffinity(0, split[1])
-    try:
+    with placed_like_genserve(scenario.device, in_process, all_cores):
         yield
-    finally:
-        os.sched_setaffinity(0, previous_cpus)
-        torch.set_num_threads(previous_threads)
 
 
 def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, dict[str, Any]],
@@ -301,7 +288,7 @@ def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, d
                 print(f"== {system} (run {repeat + 1}/{scenario.repeats}) ...", flush=True)
                 started = time.perf_counter()
                 try:
-                    with placed_like_genserve(scenario, in_process=system not in servers,
+                    with placed_for(scenario, in_process=system not in servers,
                                               all_cores=system == "raw-all-cores"):
                         if system in servers:
                             runs[system].append(bench_served(scenario, servers[system], warm_up=repeat == 0,

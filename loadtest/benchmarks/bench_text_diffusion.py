@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 
 from loadtest.benchmarks.hf_serve import find_free_port, managed_server
+from loadtest.benchmarks.placement import placed_like_genserve
 from loadtest.benchmarks.text_diffusion_raw import DEFAULT_MODEL, DEFAULT_STEPS, run_raw
 from service.settings import Settings
 
@@ -53,22 +52,17 @@ def main() -> None:
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "bench_text_diffusion.json")
     args = parser.parse_args()
-    settings = Settings(models={})
-    threads = settings.resolved_cpu_threads()
-    split = settings.cpu_split()
+    threads = Settings(models={}).resolved_cpu_threads()
     port = find_free_port()
     command = [sys.executable, "-m", "service", "--model", f"{MODEL_NAME}={args.model.resolve()}", "--port",
                str(port), "--log-level", "warning", "--max-batch-size", str(args.concurrency)]
     with managed_server(command, "/ready", port, MODEL_NAME) as server:
-        if split is not None:
-            os.sched_setaffinity(0, split[1])  # the client beside the front end, off the engine's cores
-        served_result = served(server.base_url, args.concurrency, args.requests, args.max_tokens, args.prompt,
-                               DEFAULT_STEPS)
-    if split is not None:
-        os.sched_setaffinity(0, split[0])  # the raw loop on the engine core's cores and thread count
-    torch.set_num_threads(threads)
-    raw_result = run_raw(args.model, args.concurrency, args.requests, args.max_tokens,
-                         args.prompt, DEFAULT_STEPS, temperature=1.0)
+        with placed_like_genserve(in_process=False):  # the client beside the front end, off the engine's cores
+            served_result = served(server.base_url, args.concurrency, args.requests, args.max_tokens, args.prompt,
+                                   DEFAULT_STEPS)
+    with placed_like_genserve(in_process=True):  # the raw loop on the engine core's cores and thread count
+        raw_result = run_raw(args.model, args.concurrency, args.requests, args.max_tokens,
+                             args.prompt, DEFAULT_STEPS, temperature=1.0)
     ratio = served_result["tokens_per_second"] / raw_result["tokens_per_second"]
     result = {"model": str(args.model.relative_to(REPO_ROOT) if args.model.is_relative_to(REPO_ROOT) else args.model),
               "threads": threads, "concurrency": args.concurrency, "steps": DEFAULT_STEPS,
