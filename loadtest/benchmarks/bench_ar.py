@@ -11,8 +11,10 @@
                       shapes at batch = concurrency, same dtype, all cores (the ratio genserve/matmul-limit
                       = tokens/s x 2 x linear parameters / measured FLOP/s)
 
-Each system runs alone (servers are stopped before the next starts), once per concurrency, with unmeasured
-warmup requests first. Prints one table per concurrency and the throughput ratios, and writes JSON
+The genserve variants run interleaved: their servers stay up side by side (idle but for the one under
+load) and take turns at each concurrency, ``--repeats`` times, so a slow spell of the host hits them
+alike. Every other system runs alone (its server stopped before the next starts). Each system gets
+unmeasured warmup requests first. Prints one table per concurrency and the throughput ratios, and writes JSON
 (default docs/bench_ar.json; --shape 108m: docs/bench_ar_108m.json).
 
 Usage:
@@ -183,7 +185,8 @@ def genserve_command(scenario: Scenario, port: int, variant: str = "genserve") -
     ]  # fmt: skip
 
 
-def bench_genserve(scenario: Scenario, variant: str = "genserve") -> dict[int, dict[str, Any]]:
+@contextlib.contextmanager
+def genserve_server(scenario: Scenario, variant: str = "genserve") -> Iterator[RunningServer]:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     port = find_free_port()
     with managed_server(
@@ -195,7 +198,41 @@ def bench_genserve(scenario: Scenario, variant: str = "genserve") -> dict[int, d
         LOG_DIR / f"{variant}.log",
         {},  # genserve sets its own threads (the policy under test); OMP_NUM_THREADS would not change them
     ) as server:
+        yield server
+
+
+def bench_genserve(scenario: Scenario, variant: str = "genserve") -> dict[int, dict[str, Any]]:
+    with genserve_server(scenario, variant) as server:
         return at_each_concurrency(scenario, server, "genserve", variant)
+
+
+def bench_genserve_interleaved(scenario: Scenario, variants: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Several genserve variants side by side: all servers up (idle but for the one under load), and at each
+    concurrency the variants take turns, ``repeats`` times, so that the host's drift over minutes hits
+    them alike and the default-vs-best-setting ratio compares like with like."""
+    results: dict[str, dict[int, dict[str, Any]]] = {variant: {} for variant in variants}
+    with contextlib.ExitStack() as stack:
+        servers = {variant: stack.enter_context(genserve_server(scenario, variant)) for variant in variants}
+        with load_generator_on_last_core():
+            for concurrency in scenario.concurrencies:
+                measured = replace(scenario, concurrency=concurrency, warmup_requests=scenario.warmup_for(concurrency),
+                                   requests=scenario.requests_for(concurrency))
+                runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
+                for repeat in range(scenario.repeats):
+                    for variant in variants:
+                        run = asyncio.run(run_load(
+                            url=servers[variant].base_url, api="genserve", concurrency=concurrency,
+                            requests=measured.requests, max_tokens=measured.max_tokens,
+                            prompt_len=measured.prompt_len, model=servers[variant].model_id,
+                            temperature=measured.temperature,
+                            warmup_requests=measured.warmup_requests if repeat == 0 else 0, label=variant,
+                            first_request_index=repeat * measured.requests_per_repeat))
+                        runs[variant].append(run.to_dict())
+                        print(f"   {variant} @ {concurrency} (run {repeat + 1}/{scenario.repeats}): "
+                              f"{run.to_dict()['output_tok_s']:.1f} tok/s", flush=True)
+                for variant in variants:
+                    results[variant][concurrency] = median_run(runs[variant])
+    return results
 
 
 def linear_weight_shapes(model_path: Path) -> list[tuple[int, int]]:
@@ -462,16 +499,31 @@ def main(argv: list[str] | None = None) -> None:
     by_system: dict[str, dict[int, dict[str, Any]]] = {}
     skipped: dict[str, str] = {}
     # The host's speed drifts over minutes: the matmul limit is measured before and after the servers,
-    # and the higher one (the stricter limit) is kept.
-    ordered = sorted(systems, key=lambda name: name != "matmul-limit")  # the limit first, the rest in order
-    for system in ordered:
+    # and the higher one (the stricter limit) is kept; the genserve variants run interleaved in between.
+    variants = [system for system in systems if system in GENSERVE_VARIANTS]
+    interleaved = variants if len(variants) > 1 else []
+
+    def run_and_keep(system: str) -> None:
         result, skip_reason = run_system(system, scenario)
         if result is not None:
             by_system[system] = result
         else:
             skipped[system] = skip_reason or "unknown"
             print(f"   skipped: {skip_reason}", flush=True)
-    if "matmul-limit" in by_system and len(ordered) > 1:
+
+    if "matmul-limit" in systems:
+        run_and_keep("matmul-limit")
+    if interleaved:
+        print(f"== {', '.join(interleaved)}, interleaved ...", flush=True)
+        try:
+            by_system.update(bench_genserve_interleaved(scenario, interleaved))
+        except Exception as exc:  # the other systems still run
+            traceback.print_exc()
+            skipped.update({variant: f"{type(exc).__name__}: {str(exc)[-2000:]}" for variant in interleaved})
+    for system in systems:
+        if system != "matmul-limit" and system not in interleaved:
+            run_and_keep(system)
+    if "matmul-limit" in by_system and len(systems) > 1:
         again, _ = run_system("matmul-limit", scenario)
         by_system["matmul-limit"] = stricter_limit(by_system["matmul-limit"], again or {})
     runs = []
