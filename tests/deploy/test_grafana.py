@@ -1,5 +1,6 @@
-"""The Grafana dashboard's layout: a row per paradigm and one for the service, model and instance
-variables, panels that do not overlap, and every genserve metric the server exports on some panel."""
+"""The Grafana dashboard's layout: a row per paradigm, one for the service and one for the engine core's CPU,
+model and instance variables, panels that do not overlap, and every genserve metric the server exports on
+some panel."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def dashboard() -> dict:
 def test_rows_and_variables() -> None:
     board = dashboard()
     rows = [panel["title"] for panel in board["panels"] if panel["type"] == "row"]
-    assert rows == ["Service", "Autoregressive (text)", "Diffusion (images)"]
+    assert rows == ["Service", "Autoregressive (text)", "Diffusion (images)", "Engine core CPU (CPU device)"]
     variables = {variable["name"]: variable for variable in board["templating"]["list"]}
     assert set(variables) == {"model", "instance"}
     assert all(variable["includeAll"] and variable["multi"] for variable in variables.values())

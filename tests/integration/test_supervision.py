@@ -78,7 +78,7 @@ def test_a_dead_or_frozen_core_is_detected_restarted_and_serves_again(model_dir:
         assert core_pid(server) != first_pid
         health = httpx.get(f"{server.url}/health").json()
         assert health["status"] == "ok" and health["restarts"] == 1
-        answer = httpx.post(f"{server.url}/generate", json={**AR, "prompt": "x = 1", "max_tokens": 3}, timeout=30)
+        answer = httpx.post(f"{server.url}/generate", json={**AR, "prompt": "x = 1", "max_tokens": 3, "ignore_eos": True}, timeout=30)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
         assert wait_for(lambda: gauges_are_zero(server))
 
