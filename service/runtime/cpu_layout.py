@@ -122,7 +122,6 @@ class _Trial:
     challenger: CpuLayout
     windows: list[CpuLayout]  # still to run, the current one first
     samples: dict[str, dict[StepKey, list[float]]] = field(default_factory=dict)
-    windows_run: int = 0
 
 
 class CpuLayoutTuner:
@@ -228,7 +227,6 @@ class CpuLayoutTuner:
             by_key.setdefault(key, []).append(seconds)
         self._window, self._window_s = [], 0.0
         trial.windows.pop(0)
-        trial.windows_run += 1
         if trial.windows:
             self._switch_to(trial.windows[0])
             return
@@ -252,7 +250,7 @@ class CpuLayoutTuner:
         medians = {name: round(1000 * _pooled_median(by_key), 2) for name, by_key in trial.samples.items()}
         decision: dict[str, object] = {
             "event": "cpu_layout", "layout": chosen.name, "threads": chosen.threads, "cpus": sorted(chosen.cpus),
-            "step_ms_median": medians, "steps_compared": steps, "windows": trial.windows_run,
+            "step_ms_median": medians, "steps_compared": steps, "windows": 2 * self.challenger_windows + 1,
             f"{trial.challenger.name}_vs_{trial.incumbent.name}_step_time": None if ratio is None else round(ratio, 3),
         }
         self.decisions.append(decision)
