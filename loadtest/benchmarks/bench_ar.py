@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server, transformers_serve
-from loadtest.clients.loadgen import ApiKind, LoadResult, build_prompt, run_load
+from loadtest.clients.loadgen import ApiKind, build_prompt, run_load
 from loadtest.benchmarks.make_bench_model import DEFAULT_SHAPE_DIRS
 
 SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "genserve-plain-weights", "raw",
@@ -118,26 +118,29 @@ def load_generator_on_last_core() -> Iterator[None]:
         os.sched_setaffinity(0, previous)
 
 
+async def measure_once(server: RunningServer, scenario: Scenario, api: ApiKind, label: str,
+                       repeat: int) -> dict[str, Any]:
+    """One measured run of ``scenario`` (its warmup requests first when ``repeat`` is 0)."""
+    run = await run_load(
+        url=server.base_url,
+        api=api,
+        concurrency=scenario.concurrency,
+        requests=scenario.requests,
+        max_tokens=scenario.max_tokens,
+        prompt_len=scenario.prompt_len,
+        model=server.model_id,
+        temperature=scenario.temperature,
+        warmup_requests=scenario.warmup_requests if repeat == 0 else 0,
+        label=label,
+        first_request_index=repeat * scenario.requests_per_repeat,
+    )
+    return run.to_dict()
+
+
 async def load_server(server: RunningServer, scenario: Scenario, api: ApiKind, label: str) -> dict[str, Any]:
     """Warm up once, then measure `scenario.repeats` times; return the median run."""
-    runs: list[LoadResult] = []
-    for repeat in range(scenario.repeats):
-        runs.append(
-            await run_load(
-                url=server.base_url,
-                api=api,
-                concurrency=scenario.concurrency,
-                requests=scenario.requests,
-                max_tokens=scenario.max_tokens,
-                prompt_len=scenario.prompt_len,
-                model=server.model_id,
-                temperature=scenario.temperature,
-                warmup_requests=scenario.warmup_requests if repeat == 0 else 0,
-                label=label,
-                first_request_index=repeat * scenario.requests_per_repeat,
-            )
-        )
-    return median_run([run.to_dict() for run in runs])
+    return median_run([await measure_once(server, scenario, api, label, repeat)
+                       for repeat in range(scenario.repeats)])
 
 
 def at_each_concurrency(scenario: Scenario, server: RunningServer, api: ApiKind, label: str) -> dict[int, dict]:
@@ -220,16 +223,10 @@ def bench_genserve_interleaved(scenario: Scenario, variants: list[str]) -> dict[
                 runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
                 for repeat in range(scenario.repeats):
                     for variant in variants:
-                        run = asyncio.run(run_load(
-                            url=servers[variant].base_url, api="genserve", concurrency=concurrency,
-                            requests=measured.requests, max_tokens=measured.max_tokens,
-                            prompt_len=measured.prompt_len, model=servers[variant].model_id,
-                            temperature=measured.temperature,
-                            warmup_requests=measured.warmup_requests if repeat == 0 else 0, label=variant,
-                            first_request_index=repeat * measured.requests_per_repeat))
-                        runs[variant].append(run.to_dict())
+                        run = asyncio.run(measure_once(servers[variant], measured, "genserve", variant, repeat))
+                        runs[variant].append(run)
                         print(f"   {variant} @ {concurrency} (run {repeat + 1}/{scenario.repeats}): "
-                              f"{run.to_dict()['output_tok_s']:.1f} tok/s", flush=True)
+                              f"{run['output_tok_s']:.1f} tok/s", flush=True)
                 for variant in variants:
                     results[variant][concurrency] = median_run(runs[variant])
     return results
