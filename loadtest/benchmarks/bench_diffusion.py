@@ -280,7 +280,7 @@ def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, d
     with ExitStack() as stack:
         servers = {variant: stack.enter_context(genserve_server(scenario, variant))
                    for variant in SERVED_VARIANTS if variant in systems}
-        pipeline = load_pipeline(scenario) if {"raw", "engine"} & set(systems) else None
+        pipeline = load_pipeline(scenario) if {*RAW_LAYOUTS, "engine"} & set(systems) else None
         for repeat in range(scenario.repeats):
             for system in systems:
                 if system in skipped:
