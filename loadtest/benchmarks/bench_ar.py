@@ -14,7 +14,8 @@
 The genserve variants run interleaved: their servers stay up side by side (idle but for the one under
 load) and take turns at each concurrency, ``--repeats`` times, so a slow spell of the host hits them
 alike. Every other system runs alone (its server stopped before the next starts). Each system gets
-unmeasured warmup requests first. Prints one table per concurrency and the throughput ratios, and writes JSON
+unmeasured warmup requests first (3 x concurrency), and each genserve run records the CPU layout
+switches its tuner made during it (``cpu_layout_switches``). Prints one table per concurrency and the throughput ratios, and writes JSON
 (default docs/bench_ar.json; --shape 108m: docs/bench_ar_108m.json).
 
 Usage:
@@ -45,6 +46,7 @@ from typing import Any
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server, transformers_serve
 from loadtest.clients.loadgen import ApiKind, build_prompt, run_load
 from loadtest.benchmarks.make_bench_model import DEFAULT_SHAPE_DIRS
+from loadtest.benchmarks.server_metrics import cpu_layout_switches, switches_between
 
 SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "genserve-plain-weights", "raw",
            "matmul-limit")
@@ -52,6 +54,10 @@ DEFAULT_SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserv
 GENSERVE_MODEL_NAME = "bench"
 DEFAULT_JSON_OUT = {"5m": Path("docs/bench_ar.json"), "108m": Path("docs/bench_ar_108m.json")}
 LOG_DIR = Path(".bench/logs")
+# Warm-up rounds of `concurrency` requests before the first measured run: three cover genserve's CPU layout
+# tuner's first trial at each new batch shape (64 settled steps, then seven short windows), which one round
+# left inside the first measured run. Every system gets the same warm-up.
+WARMUP_ROUNDS = 3
 
 
 @dataclass
@@ -77,7 +83,7 @@ class Scenario:
         return self.requests or 3 * concurrency
 
     def warmup_for(self, concurrency: int) -> int:
-        return concurrency if self.warmup_requests < 0 else self.warmup_requests
+        return WARMUP_ROUNDS * concurrency if self.warmup_requests < 0 else self.warmup_requests
 
     @property
     def requests_per_repeat(self) -> int:
@@ -100,6 +106,8 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda run: run["output_tok_s"])
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen["repeat_output_tok_s"] = [run["output_tok_s"] for run in runs]
+    if any("cpu_layout_switches" in run for run in runs):
+        chosen["repeat_cpu_layout_switches"] = [run.get("cpu_layout_switches") for run in runs]
     return chosen
 
 
@@ -120,7 +128,15 @@ def load_generator_on_last_core() -> Iterator[None]:
 
 async def measure_once(server: RunningServer, scenario: Scenario, api: ApiKind, label: str,
                        repeat: int) -> dict[str, Any]:
-    """One measured run of ``scenario`` (its warmup requests first when ``repeat`` is 0)."""
+    """One measured run of ``scenario`` (its warmup requests first when ``repeat`` is 0), with the CPU
+    layout switches genserve's tuner made during it (None for a peer)."""
+    if repeat == 0 and scenario.warmup_requests:
+        await run_load(url=server.base_url, api=api, concurrency=scenario.concurrency,
+                       requests=scenario.warmup_requests, max_tokens=scenario.max_tokens,
+                       prompt_len=scenario.prompt_len, model=server.model_id, temperature=scenario.temperature,
+                       warmup_requests=0, label=f"{label}-warmup",
+                       first_request_index=repeat * scenario.requests_per_repeat + scenario.requests)
+    switches_before = await asyncio.to_thread(cpu_layout_switches, server.base_url)
     run = await run_load(
         url=server.base_url,
         api=api,
@@ -130,11 +146,12 @@ async def measure_once(server: RunningServer, scenario: Scenario, api: ApiKind, 
         prompt_len=scenario.prompt_len,
         model=server.model_id,
         temperature=scenario.temperature,
-        warmup_requests=scenario.warmup_requests if repeat == 0 else 0,
+        warmup_requests=0,
         label=label,
         first_request_index=repeat * scenario.requests_per_repeat,
     )
-    return run.to_dict()
+    switches_after = await asyncio.to_thread(cpu_layout_switches, server.base_url)
+    return {**run.to_dict(), "cpu_layout_switches": switches_between(switches_before, switches_after)}
 
 
 async def load_server(server: RunningServer, scenario: Scenario, api: ApiKind, label: str) -> dict[str, Any]:
@@ -226,7 +243,8 @@ def bench_genserve_interleaved(scenario: Scenario, variants: list[str]) -> dict[
                         run = asyncio.run(measure_once(servers[variant], measured, "genserve", variant, repeat))
                         runs[variant].append(run)
                         print(f"   {variant} @ {concurrency} (run {repeat + 1}/{scenario.repeats}): "
-                              f"{run['output_tok_s']:.1f} tok/s", flush=True)
+                              f"{run['output_tok_s']:.1f} tok/s, {format_value(run['cpu_layout_switches'], 0)} CPU layout switches",
+                              flush=True)
                 for variant in variants:
                     results[variant][concurrency] = median_run(runs[variant])
     return results
@@ -443,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=16, help="approximate prompt length in words")
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--warmup", type=int, default=None, help="warmup requests (default: concurrency)")
+    parser.add_argument("--warmup", type=int, default=None, help="warmup requests (default: 3 x concurrency)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per system; the median is kept")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(

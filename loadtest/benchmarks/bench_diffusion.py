@@ -45,6 +45,7 @@ import torch
 from loadtest.clients.diffusion_load import DIGIT_LABELS, ImageRequest, percentile, request_plan, run_image_load
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server
 from loadtest.benchmarks.placement import placed_like_genserve
+from loadtest.benchmarks.server_metrics import cpu_layout_switches, switches_between
 
 SYSTEMS = ("serial", "raw", "raw-all-cores", "engine", "served", "served-pinned", "served-all-cores")
 RAW_LAYOUTS = ("raw", "raw-all-cores")
@@ -60,6 +61,9 @@ NULL_CLASS = len(DIGIT_LABELS)
 DEFAULT_MODEL_PATH = Path(".bench/digits-1m")
 DEFAULT_JSON_OUT = Path("docs/bench_diffusion.json")
 LOG_DIR = Path(".bench/logs")
+# Warm-up rounds of `concurrency` requests (mean 30 steps each): about 120 batch steps, which cover genserve's
+# CPU layout tuner's first trial (64 settled steps, then seven short windows)
+WARMUP_ROUNDS = 4
 
 
 @dataclass
@@ -158,10 +162,17 @@ def genserve_server(scenario: Scenario, variant: str = "served") -> Iterator[Run
 
 
 def bench_served(scenario: Scenario, server: RunningServer, warm_up: bool, label: str = "served") -> dict[str, Any]:
-    warmup = scenario.warmup_plan(scenario.warmup_requests) if warm_up else None
+    """One measured run (after the warm-up when ``warm_up``), with the CPU layout switches genserve's tuner
+    made during it."""
+    if warm_up:
+        asyncio.run(run_image_load(server.base_url, label=f"{label}-warmup", model=MODEL_NAME,
+                                   plan=scenario.warmup_plan(scenario.warmup_requests),
+                                   concurrency=scenario.concurrency))
+    switches_before = cpu_layout_switches(server.base_url)
     result = asyncio.run(run_image_load(server.base_url, label=label, model=MODEL_NAME, plan=scenario.plan(),
-                                        concurrency=scenario.concurrency, warmup=warmup))
-    return result.to_dict()
+                                        concurrency=scenario.concurrency))
+    return {**result.to_dict(),
+            "cpu_layout_switches": switches_between(switches_before, cpu_layout_switches(server.base_url))}
 
 
 def load_pipeline(scenario: Scenario) -> Any:
@@ -258,7 +269,10 @@ def bench_engine(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median images/s, plus every run's images/s."""
     ordered = sorted(runs, key=lambda run: run["images_per_s"])
-    return {**ordered[(len(ordered) - 1) // 2], "images_per_s_runs": [round(r["images_per_s"], 3) for r in runs]}
+    chosen = {**ordered[(len(ordered) - 1) // 2], "images_per_s_runs": [round(r["images_per_s"], 3) for r in runs]}
+    if any("cpu_layout_switches" in run for run in runs):
+        chosen["cpu_layout_switches_runs"] = [run.get("cpu_layout_switches") for run in runs]
+    return chosen
 
 
 @contextmanager
@@ -300,8 +314,9 @@ def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, d
                     traceback.print_exc()
                     skipped[system] = f"{type(error).__name__}: {str(error)[-2000:]}"
                     continue
-                print(f"   {runs[system][-1]['images_per_s']:.2f} images/s in "
-                      f"{time.perf_counter() - started:.1f}s", flush=True)
+                switches = runs[system][-1].get("cpu_layout_switches")
+                print(f"   {runs[system][-1]['images_per_s']:.2f} images/s in {time.perf_counter() - started:.1f}s"
+                      + ("" if switches is None else f", {switches:.0f} CPU layout switches"), flush=True)
     for system in systems:
         if runs[system] and system not in skipped:
             results[system] = median_run(runs[system])
@@ -358,7 +373,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     parser.add_argument("--min-steps", type=int, default=10)
     parser.add_argument("--max-steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup", type=int, default=16, help="unmeasured requests before served/engine")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"unmeasured requests before served/engine (default {WARMUP_ROUNDS} x concurrency: "
+                             "long enough for genserve's CPU layout tuner to settle)")
     parser.add_argument("--serial-warmup", type=int, default=4, help="unmeasured requests before serial")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for serial, raw and engine (unpinned), and --cpu-threads of "
@@ -375,7 +392,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
         parser.error(f"unknown systems {unknown}; choose from {SYSTEMS}")
     scenario = Scenario(model_path=args.model_path, concurrency=args.concurrency, requests=args.requests,
                         min_steps=args.min_steps, max_steps=args.max_steps, seed=args.seed,
-                        warmup_requests=args.warmup, serial_warmup_requests=args.serial_warmup,
+                        warmup_requests=WARMUP_ROUNDS * args.concurrency if args.warmup is None else args.warmup,
+                        serial_warmup_requests=args.serial_warmup,
                         threads=args.threads, repeats=max(1, args.repeats), startup_timeout_s=args.startup_timeout,
                         device=args.device)
     return scenario, systems, args.json_out

@@ -37,3 +37,20 @@ def test_served_diffusion_is_compared_with_the_faster_raw_layout() -> None:
     ratios = throughput_ratios(results)
     assert ratios["served/raw"] == 1.1 and ratios["served/best-raw"] == 0.88
     assert "served/best-raw" not in throughput_ratios({"raw": {"images_per_s": 10.0}, "served": {"images_per_s": 9.0}})
+
+
+def test_benchmarks_read_the_layout_switches_off_the_series_the_service_exports() -> None:
+    from prometheus_client import generate_latest
+
+    from loadtest.benchmarks.server_metrics import cpu_layout_switches_in, switches_between
+    from service.runtime import metrics
+
+    before = cpu_layout_switches_in(generate_latest(metrics.REGISTRY).decode())
+    assert before is not None
+    metrics.record_cpu_layout("all-cores", 2, switched=True)
+    metrics.record_cpu_layout("pinned", 1, switched=True)
+    after = cpu_layout_switches_in(generate_latest(metrics.REGISTRY).decode())
+    assert switches_between(before, after) == 2
+    assert switches_between(None, after) is None
+    assert cpu_layout_switches_in("# a peer's metrics\nrequests_total 3\n") is None
+    assert cpu_layout_switches_in('{"detail":"Not Found"}') is None  # transformers serve has no /metrics
