@@ -7,6 +7,8 @@
            CPUs and threads genserve's default engine core starts with (``--threads N``: unpinned, N threads);
            ``raw-all-cores``: the same loop on every CPU, one thread each (the layout genserve's tuner may pick)
   engine   genserve's DiffusionEngine stepped directly in-process, ``concurrency`` requests in flight
+           (refilled at once as they finish; the run drains at the end), placed like raw;
+           ``engine-all-cores``: on every CPU, like raw-all-cores
   served   genserve over HTTP (``python -m service --model digits=PATH``), driven by the same load,
            with its default CPU settings; ``served-pinned`` / ``served-all-cores`` add
            ``--pin-cpus true --cpu-threads N-1`` / ``--pin-cpus false --cpu-threads N``
@@ -47,8 +49,11 @@ from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_
 from loadtest.benchmarks.placement import placed_like_genserve
 from loadtest.benchmarks.server_metrics import cpu_layout_switches, switches_between
 
-SYSTEMS = ("serial", "raw", "raw-all-cores", "engine", "served", "served-pinned", "served-all-cores")
+SYSTEMS = ("serial", "raw", "raw-all-cores", "engine", "engine-all-cores", "served", "served-pinned",
+           "served-all-cores")
 RAW_LAYOUTS = ("raw", "raw-all-cores")
+ENGINE_LAYOUTS = ("engine", "engine-all-cores")
+ALL_CORES_IN_PROCESS = ("raw-all-cores", "engine-all-cores")
 DEFAULT_SYSTEMS = ("serial", "raw", "engine", "served")
 # served variant -> extra genserve flags given the usable CPU count ("served" = default settings)
 SERVED_VARIANTS = {
@@ -61,9 +66,10 @@ NULL_CLASS = len(DIGIT_LABELS)
 DEFAULT_MODEL_PATH = Path(".bench/digits-1m")
 DEFAULT_JSON_OUT = Path("docs/bench_diffusion.json")
 LOG_DIR = Path(".bench/logs")
-# Warm-up rounds of `concurrency` requests (mean 30 steps each): about 120 batch steps, which cover genserve's
-# CPU layout tuner's first trial (64 settled steps, then seven short windows)
-WARMUP_ROUNDS = 4
+# Warm-up rounds of `concurrency` requests (mean 30 steps each): about 240 batch steps, twice what genserve's CPU
+# layout tuner's first trial takes (64 settled steps, then seven windows of 8 or more); with 4 rounds a trial
+# still ran into the first measured run
+WARMUP_ROUNDS = 8
 
 
 @dataclass
@@ -235,12 +241,13 @@ def bench_engine(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, 
     config = DiffusionEngineConfig(max_batch_size=scenario.concurrency, max_image_side=1024, preview_max_side=64)
     engine = DiffusionEngine(MODEL_NAME, pipeline, config, torch.device(scenario.device), torch.float32)
 
-    def run(plan: list[ImageRequest]) -> tuple[float, list[float], int]:
+    def run(plan: list[ImageRequest]) -> tuple[float, list[float], int, int]:
         pending = list(reversed(plan))
         in_flight: dict[str, float] = {}
         latencies: list[float] = []
         images = 0
         submitted = 0
+        forwards = 0
         started = time.perf_counter()
         while pending or in_flight:
             while pending and len(in_flight) < scenario.concurrency:
@@ -250,17 +257,19 @@ def bench_engine(scenario: Scenario, pipeline: Any, warm_up: bool) -> dict[str, 
                 engine.add_request(request_id, ImageParams(prompt=request.prompt, steps=request.steps,
                                                            scheduler="ddpm", seed=request.seed))
                 in_flight[request_id] = time.perf_counter()
-            for output in engine.step().outputs:
+            report = engine.step()
+            forwards += report.stats.denoise_rows > 0
+            for output in report.outputs:
                 if output.finished:
                     latencies.append(time.perf_counter() - in_flight.pop(output.request_id))
                     images += len(output.result.images)  # type: ignore[union-attr]
-        return time.perf_counter() - started, latencies, images
+        return time.perf_counter() - started, latencies, images, forwards
 
     if warm_up:
         run(scenario.warmup_plan(scenario.warmup_requests))
-    wall_s, latencies, images = run(scenario.plan())
+    wall_s, latencies, images, forwards = run(scenario.plan())
     return {"label": "engine", "concurrency": scenario.concurrency, "requests": scenario.requests,
-            "ok": scenario.requests, "errors": 0, "images": images, "wall_s": wall_s,
+            "ok": scenario.requests, "errors": 0, "images": images, "wall_s": wall_s, "forwards": forwards,
             "images_per_s": images / wall_s,
             "image_steps_per_s": sum(r.steps for r in scenario.plan()) / wall_s,
             "e2e_p50_s": percentile(latencies, 0.5), "e2e_p99_s": percentile(latencies, 0.99)}
@@ -294,7 +303,7 @@ def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, d
     with ExitStack() as stack:
         servers = {variant: stack.enter_context(genserve_server(scenario, variant))
                    for variant in SERVED_VARIANTS if variant in systems}
-        pipeline = load_pipeline(scenario) if {*RAW_LAYOUTS, "engine"} & set(systems) else None
+        pipeline = load_pipeline(scenario) if {*RAW_LAYOUTS, *ENGINE_LAYOUTS} & set(systems) else None
         for repeat in range(scenario.repeats):
             for system in systems:
                 if system in skipped:
@@ -303,7 +312,7 @@ def run_interleaved(scenario: Scenario, systems: list[str], results: dict[str, d
                 started = time.perf_counter()
                 try:
                     with placed_for(scenario, in_process=system not in servers,
-                                              all_cores=system == "raw-all-cores"):
+                                              all_cores=system in ALL_CORES_IN_PROCESS):
                         if system in servers:
                             runs[system].append(bench_served(scenario, servers[system], warm_up=repeat == 0,
                                                              label=system))
@@ -346,7 +355,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    pairs = (("served", "raw"), ("served", "serial"), ("raw", "serial"), ("engine", "raw"), ("served", "engine"))
+    pairs = (("served", "raw"), ("served", "serial"), ("raw", "serial"), ("engine", "raw"), ("served", "engine"),
+             ("engine-all-cores", "raw-all-cores"), ("served-all-cores", "engine-all-cores"),
+             ("served-all-cores", "raw-all-cores"))
     ratios = {f"{top}/{bottom}": round(results[top]["images_per_s"] / results[bottom]["images_per_s"], 3)
               for top, bottom in pairs if top in results and bottom in results and results[bottom]["images_per_s"]}
     raws = [results[name]["images_per_s"] for name in RAW_LAYOUTS if name in results]
