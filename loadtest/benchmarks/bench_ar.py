@@ -130,26 +130,15 @@ async def measure_once(server: RunningServer, scenario: Scenario, api: ApiKind, 
                        repeat: int) -> dict[str, Any]:
     """One measured run of ``scenario`` (its warmup requests first when ``repeat`` is 0), with the CPU
     layout switches genserve's tuner made during it (None for a peer)."""
-    if repeat == 0 and scenario.warmup_requests:
-        await run_load(url=server.base_url, api=api, concurrency=scenario.concurrency,
-                       requests=scenario.warmup_requests, max_tokens=scenario.max_tokens,
-                       prompt_len=scenario.prompt_len, model=server.model_id, temperature=scenario.temperature,
-                       warmup_requests=0, label=f"{label}-warmup",
-                       first_request_index=repeat * scenario.requests_per_repeat + scenario.requests)
+    load = functools.partial(run_load, url=server.base_url, api=api, concurrency=scenario.concurrency,
+                             max_tokens=scenario.max_tokens, prompt_len=scenario.prompt_len, model=server.model_id,
+                             temperature=scenario.temperature, warmup_requests=0)
+    first_index = repeat * scenario.requests_per_repeat
+    if repeat == 0 and scenario.warmup_requests:  # numbered after the measured requests, as run_load numbers them
+        await load(requests=scenario.warmup_requests, label=f"{label}-warmup",
+                   first_request_index=first_index + scenario.requests)
     switches_before = await asyncio.to_thread(cpu_layout_switches, server.base_url)
-    run = await run_load(
-        url=server.base_url,
-        api=api,
-        concurrency=scenario.concurrency,
-        requests=scenario.requests,
-        max_tokens=scenario.max_tokens,
-        prompt_len=scenario.prompt_len,
-        model=server.model_id,
-        temperature=scenario.temperature,
-        warmup_requests=0,
-        label=label,
-        first_request_index=repeat * scenario.requests_per_repeat,
-    )
+    run = await load(requests=scenario.requests, label=label, first_request_index=first_index)
     switches_after = await asyncio.to_thread(cpu_layout_switches, server.base_url)
     return {**run.to_dict(), "cpu_layout_switches": switches_between(switches_before, switches_after)}
 

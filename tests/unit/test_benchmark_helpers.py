@@ -54,3 +54,15 @@ def test_benchmarks_read_the_layout_switches_off_the_series_the_service_exports(
     assert switches_between(None, after) is None
     assert cpu_layout_switches_in("# a peer's metrics\nrequests_total 3\n") is None
     assert cpu_layout_switches_in('{"detail":"Not Found"}') is None  # transformers serve has no /metrics
+
+
+def test_the_median_run_keeps_every_runs_layout_switches() -> None:
+    from loadtest.benchmarks.bench_ar import median_run
+
+    runs = [{"output_tok_s": 300.0, "cpu_layout_switches": 0.0}, {"output_tok_s": 200.0, "cpu_layout_switches": 6.0},
+            {"output_tok_s": 250.0, "cpu_layout_switches": 0.0}]
+    chosen = median_run(runs)
+    assert chosen["output_tok_s"] == 250.0
+    assert chosen["repeat_output_tok_s"] == [300.0, 200.0, 250.0]
+    assert chosen["repeat_cpu_layout_switches"] == [0.0, 6.0, 0.0]
+    assert "repeat_cpu_layout_switches" not in median_run([{"output_tok_s": 1.0}])  # a system that never reports them
