@@ -54,10 +54,13 @@ def deadline(timeout_s: float | None, settings: Settings) -> float | None:
 
 
 async def submit(client: EngineClient, model: str, params: EngineParams, settings: Settings,
-                 timeout_s: float | None = None, final_only: bool = False) -> RequestStream:
+                 timeout_s: float | None = None, final_only: bool = False,
+                 request_id: str | None = None) -> RequestStream:
+    """Queue ``params`` under the server's default deadline and queue wait; an ``EngineError`` becomes
+    its HTTP ``APIError``."""
     try:
         return await client.submit(model, params, deadline(timeout_s, settings), settings.max_queue_wait_s or None,
-                                   final_only=final_only)
+                                   request_id=request_id, final_only=final_only)
     except EngineError as error:
         raise api_error(error, settings.retry_after_s) from error
 

@@ -47,7 +47,7 @@ async def chat_completions(request: Request) -> Response:
     if body.stream:
         return streamed(sse_answer(choices, renderer.role_chunks(), renderer.chunk,
                                    renderer.usage_chunk if body.include_usage else None))
-    return await json_answer(choices, renderer.response)
+    return await json_answer(choices, renderer.response, settings.retry_after_s)
 
 
 class ChatRenderer:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from service.api.engine_params import sampling_params, with_model_defaults
 from service.api.errors import APIError, api_error, error_body, error_response, status_of
-from service.api.generate import SSE_HEADERS, log_request, read_request_json, ready_client
+from service.api.generate import SSE_HEADERS, log_request, read_request_json, ready_client, submit
 from service.api.generate_format import merge_text_deltas
 from service.api.openai_schemas import OpenAITextRequest
 from service.api.routing import resolve_model
@@ -128,10 +128,7 @@ class ChoiceSet:
 
     async def _submit(self, client: EngineClient, model: str, settings: Settings, request: TextRequest,
                       index: int) -> Choice:
-        try:
-            stream = await client.submit(model, request, request_id=f"{self.id}-{index}")
-        except EngineError as error:
-            raise api_error(error, settings.retry_after_s) from error
+        stream = await submit(client, model, request, settings, request_id=f"{self.id}-{index}")
         choice = Choice(index, index // self.n, stream)
         self.choices.append(choice)
         if self.disconnected:
@@ -294,7 +291,7 @@ async def read_body(request: Request, schema: type[T], paradigm: str,
     return schema.model_validate(raw), model, client.models[model]
 
 
-async def json_answer(choices: ChoiceSet, body: Callable[[], dict[str, Any]]) -> Response:
+async def json_answer(choices: ChoiceSet, body: Callable[[], dict[str, Any]], retry_after_s: int) -> Response:
     try:
         await choices.finish_all()
     except ClientDisconnected:
@@ -303,10 +300,11 @@ async def json_answer(choices: ChoiceSet, body: Callable[[], dict[str, Any]]) ->
     finally:
         choices.close()
     error = choices.first_error()
-    if error is not None:
-        status, error_type = status_of(error)
-        choices.log(status, False)
-        return error_response(status, error_type, str(error), openai=True)
+    if error is not None:  # as /generate answers it, Retry-After included where a retry can help
+        translated = api_error(error, retry_after_s)
+        choices.log(translated.status_code, False)
+        return error_response(translated.status_code, translated.error_type, translated.message, translated.headers,
+                              openai=True)
     choices.log(200, False)
     return JSONResponse(body())
 
