@@ -140,3 +140,18 @@ def test_a_request_that_cannot_start_in_time_gets_503_and_idle_streams_get_pings
         assert events[0].data["error"]["type"] == "queue_timeout"
         assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
         assert refused.json()["error"]["type"] == "queue_timeout"
+
+
+def test_openai_text_routes_keep_the_servers_queue_wait(model_dir: Path, tmp_path: Path) -> None:
+    with running_server({"tiny": model_dir}, tmp_path, "--max-batch-size", "1", "--max-queue-wait-s", "1",
+                        "--retry-after-s", "3") as server, server.client() as http:
+        with http.stream("POST", "/generate", json={**LONG, "timeout_s": 5, "stream": True}) as running:
+            lines = running.iter_lines()  # kept: a dropped line iterator closes the stream, freeing the slot
+            next(lines)  # it holds the only batch slot
+            started = time.monotonic()
+            refused = http.post("/v1/completions", json={"model": "tiny", "prompt": "y", "max_tokens": 2})
+            waited = time.monotonic() - started
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+        assert refused.json()["error"]["code"] == "queue_timeout"  # OpenAI's error shape
+        assert 1 <= waited < 4  # refused after --max-queue-wait-s, not answered once the slot frees
+        assert wait_for(lambda: gauges_are_zero(server))
