@@ -6,6 +6,7 @@
   genserve-pinned     the same with `--pin-cpus true --cpu-threads N-1` (engine core off the front end's core)
   genserve-all-cores  the same with `--pin-cpus false --cpu-threads N`
   genserve-plain-weights  the same with `--no-prepack-cpu-weights` (F.linear on plain weights, as the limit)
+  genserve-plain-malloc   the same with `--no-keep-freed-host-memory` (glibc's default malloc thresholds)
   raw                 genserve's engine in-process, no HTTP (`loadtest.benchmarks.raw_ar.run_raw`)
   matmul-limit        tokens/s if a step cost only its matmuls: plain `F.linear` over the model's weight
                       shapes at batch = concurrency, same dtype, all cores (the ratio genserve/matmul-limit
@@ -47,9 +48,10 @@ from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_
 from loadtest.clients.loadgen import ApiKind, build_prompt, run_load
 from loadtest.benchmarks.make_bench_model import DEFAULT_SHAPE_DIRS
 from loadtest.benchmarks.server_metrics import cpu_layout_switches, switches_between
+from service.runtime.host_memory import keep_freed_host_memory
 
-SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "genserve-plain-weights", "raw",
-           "matmul-limit")
+SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "genserve-plain-weights",
+           "genserve-plain-malloc", "raw", "matmul-limit")
 DEFAULT_SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "matmul-limit")
 GENSERVE_MODEL_NAME = "bench"
 DEFAULT_JSON_OUT = {"5m": Path("docs/bench_ar.json"), "108m": Path("docs/bench_ar_108m.json")}
@@ -78,6 +80,7 @@ class Scenario:
     hf_cb_args: list[str]
     startup_timeout_s: float
     repeats: int
+    plain_malloc: bool = False  # this process (raw, matmul-limit, the load client) keeps glibc's malloc defaults
 
     def requests_for(self, concurrency: int) -> int:
         return self.requests or 3 * concurrency
@@ -180,6 +183,7 @@ GENSERVE_VARIANTS: dict[str, Callable[[int], list[str]]] = {
     "genserve-pinned": lambda cpus: ["--pin-cpus", "true", "--cpu-threads", str(max(1, cpus - 1))],
     "genserve-all-cores": lambda cpus: ["--pin-cpus", "false", "--cpu-threads", str(cpus)],
     "genserve-plain-weights": lambda cpus: ["--no-prepack-cpu-weights"],
+    "genserve-plain-malloc": lambda cpus: ["--no-keep-freed-host-memory"],
 }
 
 
@@ -393,7 +397,7 @@ def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """genserve (default settings) over each baseline, and over the best genserve variant."""
     ratios: dict[str, float] = {}
     genserve = results.get("genserve", {}).get("output_tok_s")
-    for baseline in ("transformers-serve", "raw", "matmul-limit"):
+    for baseline in ("transformers-serve", "raw", "matmul-limit", "genserve-plain-malloc"):
         baseline_tok_s = results.get(baseline, {}).get("output_tok_s")
         if genserve and baseline_tok_s:
             ratios[f"genserve/{baseline}"] = genserve / baseline_tok_s
@@ -410,8 +414,9 @@ def resolved_dtype(requested: str, device: str) -> str:
     return Settings(models={}, device=device, dtype=requested).resolved_dtype("autoregressive")
 
 
-def environment_description() -> dict[str, Any]:
-    description: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+def environment_description(host_memory: str) -> dict[str, Any]:
+    description: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                                   "bench_process_host_memory": host_memory}
     description["cpu_count"] = os.cpu_count()
     for package in ("torch", "transformers"):
         try:
@@ -469,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     )
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="leave this process (raw, matmul-limit, the load client) on glibc's default malloc "
+                             "thresholds; by default it gets the engine core's (service/runtime/host_memory.py)")
     args = parser.parse_args(argv)
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = set(systems) - set(SYSTEMS)
@@ -492,6 +500,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
         hf_cb_args=hf_cb_args(args.hf_cb_num_blocks, args.hf_cb_max_batch_tokens),
         startup_timeout_s=args.startup_timeout,
         repeats=max(args.repeats, 1),
+        plain_malloc=args.plain_malloc,
     )
     return scenario, systems, args.json_out or DEFAULT_JSON_OUT[args.shape]
 
@@ -500,6 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scenario, systems, json_out = parse_args(argv)
     ensure_bench_model(scenario.model_path, scenario.shape)
+    # raw steps genserve's engine in this process, so it gets the engine core's allocator setting too
+    host_memory = "glibc defaults (--plain-malloc)" if scenario.plain_malloc else keep_freed_host_memory()
     by_system: dict[str, dict[int, dict[str, Any]]] = {}
     skipped: dict[str, str] = {}
     # The host's speed drifts over minutes: the matmul limit is measured before and after the servers,
@@ -548,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         "scenario": {key: str(value) if isinstance(value, Path) else value for key, value in vars(scenario).items()
                      if key != "concurrency"},
         "command": "python -m loadtest.benchmarks.bench_ar " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": environment_description(),
+        "environment": environment_description(host_memory),
         "runs": runs,
         "skipped": skipped,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

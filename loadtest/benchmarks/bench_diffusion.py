@@ -11,7 +11,8 @@
            ``engine-all-cores``: on every CPU, like raw-all-cores
   served   genserve over HTTP (``python -m service --model digits=PATH``), driven by the same load,
            with its default CPU settings; ``served-pinned`` / ``served-all-cores`` add
-           ``--pin-cpus true --cpu-threads N-1`` / ``--pin-cpus false --cpu-threads N``
+           ``--pin-cpus true --cpu-threads N-1`` / ``--pin-cpus false --cpu-threads N``;
+           ``served-plain-malloc`` adds ``--no-keep-freed-host-memory`` (glibc's default malloc thresholds)
 
 raw, engine and served take turns ``repeats`` times (median reported), so a slow spell of a shared
 machine hits them alike. Every system runs the same plan: ``requests`` requests of one image each, a digit label, seed i,
@@ -48,9 +49,10 @@ from loadtest.clients.diffusion_load import DIGIT_LABELS, ImageRequest, percenti
 from loadtest.benchmarks.hf_serve import RunningServer, find_free_port, managed_server
 from loadtest.benchmarks.placement import placed_like_genserve
 from loadtest.benchmarks.server_metrics import cpu_layout_switches, switches_between
+from service.runtime.host_memory import keep_freed_host_memory
 
 SYSTEMS = ("serial", "raw", "raw-all-cores", "engine", "engine-all-cores", "served", "served-pinned",
-           "served-all-cores")
+           "served-all-cores", "served-plain-malloc")
 RAW_LAYOUTS = ("raw", "raw-all-cores")
 ENGINE_LAYOUTS = ("engine", "engine-all-cores")
 ALL_CORES_IN_PROCESS = ("raw-all-cores", "engine-all-cores")
@@ -60,6 +62,7 @@ SERVED_VARIANTS = {
     "served": lambda cpus: [],
     "served-pinned": lambda cpus: ["--pin-cpus", "true", "--cpu-threads", str(max(1, cpus - 1))],
     "served-all-cores": lambda cpus: ["--pin-cpus", "false", "--cpu-threads", str(cpus)],
+    "served-plain-malloc": lambda cpus: ["--no-keep-freed-host-memory"],
 }
 MODEL_NAME = "digits"
 NULL_CLASS = len(DIGIT_LABELS)
@@ -86,6 +89,7 @@ class Scenario:
     repeats: int
     startup_timeout_s: float
     device: str = "cpu"
+    plain_malloc: bool = False  # this process (raw, engine, the load client) keeps glibc's malloc defaults
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -357,7 +361,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     pairs = (("served", "raw"), ("served", "serial"), ("raw", "serial"), ("engine", "raw"), ("served", "engine"),
              ("engine-all-cores", "raw-all-cores"), ("served-all-cores", "engine-all-cores"),
-             ("served-all-cores", "raw-all-cores"))
+             ("served-all-cores", "raw-all-cores"), ("served", "served-plain-malloc"))
     ratios = {f"{top}/{bottom}": round(results[top]["images_per_s"] / results[bottom]["images_per_s"], 3)
               for top, bottom in pairs if top in results and bottom in results and results[bottom]["images_per_s"]}
     raws = [results[name]["images_per_s"] for name in RAW_LAYOUTS if name in results]
@@ -369,10 +373,10 @@ def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return ratios
 
 
-def environment_description(scenario: Scenario) -> dict[str, Any]:
+def environment_description(scenario: Scenario, host_memory: str) -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": scenario.threads or torch.get_num_threads(),
-            "device": scenario.device}
+            "device": scenario.device, "bench_process_host_memory": host_memory}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path]:
@@ -396,6 +400,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON_OUT)
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for every system")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="leave this process (raw, engine, the load client) on glibc's default malloc "
+                             "thresholds; by default it gets the engine core's (service/runtime/host_memory.py)")
     args = parser.parse_args(argv)
     systems = [system.strip() for system in args.systems.split(",") if system.strip()]
     unknown = sorted(set(systems) - set(SYSTEMS))
@@ -406,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
                         warmup_requests=WARMUP_ROUNDS * args.concurrency if args.warmup is None else args.warmup,
                         serial_warmup_requests=args.serial_warmup,
                         threads=args.threads, repeats=max(1, args.repeats), startup_timeout_s=args.startup_timeout,
-                        device=args.device)
+                        device=args.device, plain_malloc=args.plain_malloc)
     return scenario, systems, args.json_out
 
 
@@ -415,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     ensure_bench_model(scenario.model_path)
+    # raw and engine step the same math as genserve's engine core, so they get its allocator setting too
+    host_memory = "glibc defaults (--plain-malloc)" if scenario.plain_malloc else keep_freed_host_memory()
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     if "serial" in systems:
@@ -436,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     report = {"scenario": {**asdict(scenario), "model_path": str(scenario.model_path)},
-              "environment": environment_description(scenario), "results": results, "ratios": ratios,
+              "environment": environment_description(scenario, host_memory), "results": results, "ratios": ratios,
               "skipped": skipped}
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(report, indent=2) + "\n")

@@ -31,6 +31,7 @@ from service.common.errors import EngineError
 from service.common.outputs import RequestOutput
 from service.runtime import metrics
 from service.runtime.cpu_layout import CpuLayout, CpuLayoutTuner, apply_cpu_layout, layouts_to_tune, step_sample
+from service.runtime.host_memory import keep_freed_host_memory
 from service.runtime.lifecycle import ServedEngine
 from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreMessage, CoreReady,
                                       CpuLayoutChanged, Heartbeat, Rejected, Shutdown, StepOutputs)
@@ -119,6 +120,7 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
     # Ctrl-C and most supervisors signal the whole process group: the front end drains, then stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    host_memory = keep_freed_host_memory() if settings.keep_freed_host_memory else "off"
     import torch
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -164,7 +166,8 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
         share = settings.ar_steps_per_cycle if engine.paradigm == "autoregressive" else settings.diffusion_steps_per_cycle
         worker.add_engine(served[engine.name], share)
     loop.send(CoreReady(tuple(infos), os.getpid()))
-    logger.info(json.dumps({"event": "engine_core_ready", "models": list(served), "pid": os.getpid()}))
+    logger.info(json.dumps({"event": "engine_core_ready", "models": list(served), "pid": os.getpid(),
+                            "host_memory": host_memory}))
     worker.run(loop)
     logging.shutdown()
     sys.stdout.flush()
