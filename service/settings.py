@@ -113,7 +113,7 @@ class Settings(BaseSettings):
                                  "pinned and, under load, keep pinned or all cores, whichever steps faster")
     keep_freed_host_memory: bool = Field(True, description="engine core: fixed glibc malloc thresholds, so freed "
                                          "tensors' memory is reused by the next step instead of handed back to the "
-                                         "kernel and faulted in again (1.4x faster diffusion steps on cpu); "
+                                         "kernel and faulted in again (diffusion fixture on cpu: 1.14x images/s); "
                                          "MALLOC_* or GLIBC_TUNABLES malloc settings in the environment rule")
     cpu_layout_window_s: float = Field(0.2, gt=0, description="--pin-cpus auto: step time of one comparison "
                                        "window (a trial alternates the layouts over seven)")

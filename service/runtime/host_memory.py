@@ -4,9 +4,9 @@ glibc's malloc hands memory back to the kernel whenever the free space at the to
 threshold, and serves large blocks with their own mmap. Its thresholds adapt only part of the way to a
 step loop that frees and reallocates the same few-MB activations every step: each step then gets fresh
 zeroed pages from the kernel, one page fault per 4 KiB. Measured on the diffusion fixture (batch 16,
-2 threads): about 2,250 page faults a UNet forward and 31 ms a step with the defaults; none and 22 ms with
-the thresholds fixed (``docs/benchmarks/cpu_policy.md``). The AR engine faults less (about 7 a token at
-32 streams, 108 M) but gains too.
+2 threads): 1,450-2,300 page faults a UNet forward with the defaults, none with the thresholds fixed, and
+1.14x the images/s (median of 4 alternating pairs, ``docs/benchmarks/cpu_policy.md``). The AR engine faults
+far less (about 7 a token at 32 streams, 108 M); its gain is inside a 2-core host's noise.
 
 The fix is the one glibc documents: fixed ``M_TRIM_THRESHOLD`` and ``M_MMAP_THRESHOLD`` (``mallopt``). Freed
 memory then stays in the heap for the next step; the heap never outgrows the process's own peak of

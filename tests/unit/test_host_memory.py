@@ -40,7 +40,7 @@ def run_step_loop(mode: str) -> dict[str, float | str]:
     return json.loads(completed.stdout)
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc", reason="glibc only")
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_kept_memory_is_reused_without_page_faults() -> None:
     kept = run_step_loop("keep")
     assert kept["outcome"] == "kept"
