@@ -112,7 +112,7 @@ async def generate(request: Request) -> Response:
 def log_request(stream: RequestStream, status: int, streamed: bool, output: Any | None) -> None:
     line: dict[str, Any] = {"event": "request", "id": stream.request_id, "model": stream.model,
                             "paradigm": stream.paradigm, "status": status, "stream": streamed,
-                            "wall_s": round(time.monotonic() - stream.arrival_time, 6)}
+                            "wall_s": round(time.monotonic() - stream.arrival_time, 6), "outputs": stream.delivered}
     result = getattr(output, "result", None)
     line["finish_reason"] = getattr(result, "finish_reason", "cancelled")
     timings = getattr(output, "timings", None)

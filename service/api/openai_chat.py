@@ -39,7 +39,7 @@ async def chat_completions(request: Request) -> Response:
                                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                prompt_logprobs=body.prompt_logprobs is not None or body.return_token_ids)
     messages = tuple(ChatMessage(message.role, message.text) for message in body.messages)
-    choices = ChoiceSet(request, body.n, "chatcmpl")
+    choices = ChoiceSet(request, body.n, "chatcmpl", streamed=body.stream)
     client = request.app.state.engine_client
     if not await choices.open(client, model, settings, [TextRequest(sampling, messages=messages)]):
         return Response(status_code=499)  # the client left before its choices started

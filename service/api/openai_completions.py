@@ -38,7 +38,7 @@ async def completions(request: Request) -> Response:
                              or body.return_token_ids)
     sampling = openai_sampling(body, info, settings, max_tokens=None, logprobs=body.logprobs,
                                prompt_logprobs=wants_prompt_logprobs)
-    choices = ChoiceSet(request, body.n, "cmpl")
+    choices = ChoiceSet(request, body.n, "cmpl", streamed=body.stream)
     requests = [TextRequest(sampling, prompt=prompt) for prompt in body.prompts]
     if not await choices.open(request.app.state.engine_client, model, settings, requests):
         return Response(status_code=499)  # the client left before its choices started

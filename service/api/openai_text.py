@@ -80,8 +80,11 @@ class Choice:
 class ChoiceSet:
     """All engine requests of one OpenAI request, with one watcher for the client's disconnect."""
 
-    def __init__(self, request: Request, n: int, id_prefix: str) -> None:
+    def __init__(self, request: Request, n: int, id_prefix: str, *, streamed: bool) -> None:
         self.n = n
+        # a non-streamed answer reads only each choice's result, so the engine core sends only that; the
+        # first choice of n > 1 still streams, as its first output is what releases its siblings
+        self.streamed = streamed
         self.id = new_request_id(id_prefix)  # the response's id; choice i's engine request is "{id}-{i}"
         self.created = int(time.time())
         self.choices: list[Choice] = []
@@ -116,19 +119,22 @@ class ChoiceSet:
                            request: TextRequest) -> None:
         n = self.n
         requests = choice_requests(request, n)
-        first = await self._submit(client, model, settings, requests[0], prompt_index * n)
+        first = await self._submit(client, model, settings, requests[0], prompt_index * n,
+                                   final_only=not self.streamed and n == 1)
         if n == 1:
             return
         batch = await first.stream.next_outputs()
         if isinstance(batch, Disconnected):
             return
         first.early.extend(batch)
-        await asyncio.gather(*(self._submit(client, model, settings, sibling, prompt_index * n + i)
+        await asyncio.gather(*(self._submit(client, model, settings, sibling, prompt_index * n + i,
+                                            final_only=not self.streamed)
                                for i, sibling in enumerate(requests[1:], start=1)))
 
     async def _submit(self, client: EngineClient, model: str, settings: Settings, request: TextRequest,
-                      index: int) -> Choice:
-        stream = await submit(client, model, request, settings, request_id=f"{self.id}-{index}")
+                      index: int, final_only: bool) -> Choice:
+        stream = await submit(client, model, request, settings, request_id=f"{self.id}-{index}",
+                              final_only=final_only)
         choice = Choice(index, index // self.n, stream)
         self.choices.append(choice)
         if self.disconnected:

@@ -79,6 +79,7 @@ class RequestStream:
     _queue: asyncio.Queue[RequestOutput | Disconnected] = field(default_factory=asyncio.Queue)
     finished: bool = False
     cancelled: bool = False
+    delivered: int = 0  # outputs handed to this request (a final_only request that finishes gets 1)
 
     async def next_outputs(self) -> list[RequestOutput] | Disconnected:
         """Wait for at least one output; return it with every other one already delivered."""
@@ -98,6 +99,7 @@ class RequestStream:
         return outputs
 
     def deliver(self, output: RequestOutput) -> None:
+        self.delivered += 1
         self._queue.put_nowait(output)
 
     def notify_disconnect(self) -> None:

@@ -211,6 +211,40 @@ def test_n_choices_share_the_prompt_blocks(client: openai.OpenAI, server: Runnin
     assert hit_tokens() - before >= ((chat.usage.prompt_tokens - 1) // 16) * 16
 
 
+def request_log_lines(server: RunningServer, response_id: str) -> dict[str, dict]:
+    """The server's one log line per engine request of an OpenAI response, by engine request id."""
+    lines = {}
+    for text in server.log().splitlines():
+        start = text.find('{"event":"request"')
+        if start >= 0:
+            line = json.loads(text[start:])
+            if line["id"].startswith(response_id + "-"):
+                lines[line["id"]] = line
+    return lines
+
+
+def test_non_streamed_choices_get_only_their_final_output(client: openai.OpenAI, server: RunningServer) -> None:
+    """A JSON answer reads each choice's result only, so the engine core sends nothing before it; a stream
+    gets an output per token. With n > 1 the first choice still streams: its first output releases the rest."""
+    request = dict(model=SHAKESPEARE, prompt="ROMEO:", max_tokens=10, temperature=0.0)
+    answer = client.completions.create(**request)
+    streamed = list(client.completions.create(**request, stream=True))
+    assert "".join(c.text for chunk in streamed for c in chunk.choices) == answer.choices[0].text
+    [json_line] = request_log_lines(server, answer.id).values()
+    [stream_line] = request_log_lines(server, streamed[0].id).values()
+    assert json_line["outputs"] == 1 and json_line["status"] == 200
+    assert stream_line["outputs"] >= stream_line["completion_tokens"] == json_line["completion_tokens"] > 1
+
+    three = client.completions.create(**{**request, "temperature": 0.9}, n=3, seed=4)
+    lines = request_log_lines(server, three.id)
+    assert [lines[f"{three.id}-{i}"]["outputs"] for i in (1, 2)] == [1, 1]
+    assert lines[f"{three.id}-0"]["outputs"] > 1
+
+    chat = client.chat.completions.create(model=SHAKESPEARE, messages=MESSAGES, max_completion_tokens=6)
+    [chat_line] = request_log_lines(server, chat.id).values()
+    assert chat_line["outputs"] == 1 and chat.choices[0].message.content
+
+
 # ---- chat ---------------------------------------------------------------------------------------------
 
 def test_chat_json_and_stream_agree_with_two_choices(client: openai.OpenAI) -> None:
