@@ -7,6 +7,8 @@
   genserve-all-cores  the same with `--pin-cpus false --cpu-threads N`
   genserve-plain-weights  the same with `--no-prepack-cpu-weights` (F.linear on plain weights, as the limit)
   genserve-plain-malloc   the same with `--no-keep-freed-host-memory` (glibc's default malloc thresholds)
+  genserve-torch-attention  the same with `--attention-backend torch` (on CUDA: the gathering attention and
+                      no decode CUDA graphs, i.e. what flex + graphs replace)
   raw                 genserve's engine in-process, no HTTP (`loadtest.benchmarks.raw_ar.run_raw`)
   matmul-limit        tokens/s if a step cost only its matmuls: plain `F.linear` over the model's weight
                       shapes at batch = concurrency, same dtype, all cores (the ratio genserve/matmul-limit
@@ -23,6 +25,8 @@ Usage:
   python -m loadtest.benchmarks.bench_ar                                   # all systems, 5 M model, 32 x 64 tokens
   python -m loadtest.benchmarks.bench_ar --shape 108m --concurrency 16,32 --requests 64
   python -m loadtest.benchmarks.bench_ar --systems transformers-serve --concurrency 8 --requests 16
+  python -m loadtest.benchmarks.bench_ar --device cuda --shape qwen2.5-0.5b --concurrency 64,256 \
+      --max-tokens 128 --prompt-len 128 --systems transformers-serve,genserve,genserve-torch-attention
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ from loadtest.benchmarks.server_metrics import cpu_layout_switches, switches_bet
 from service.runtime.host_memory import keep_freed_host_memory
 
 SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "genserve-plain-weights",
-           "genserve-plain-malloc", "raw", "matmul-limit")
+           "genserve-plain-malloc", "genserve-torch-attention", "raw", "matmul-limit")
 DEFAULT_SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "matmul-limit")
 GENSERVE_MODEL_NAME = "bench"
-DEFAULT_JSON_OUT = {"5m": Path("docs/bench_ar.json"), "108m": Path("docs/bench_ar_108m.json")}
+DEFAULT_JSON_OUT = {"5m": Path("docs/bench_ar.json"), "108m": Path("docs/bench_ar_108m.json"),
+                    "qwen2.5-0.5b": Path("docs/bench_ar_qwen2.5-0.5b.json"),
+                    "tinyllama-1.1b": Path("docs/bench_ar_tinyllama-1.1b.json")}
 LOG_DIR = Path(".bench/logs")
 # Warm-up rounds of `concurrency` requests before the first measured run: three cover genserve's CPU layout
 # tuner's first trial at each new batch shape (64 settled steps, then seven short windows), which one round
@@ -81,6 +87,7 @@ class Scenario:
     startup_timeout_s: float
     repeats: int
     plain_malloc: bool = False  # this process (raw, matmul-limit, the load client) keeps glibc's malloc defaults
+    genserve_kv_cache_tokens: int = 0  # 0: genserve's default pool
 
     def requests_for(self, concurrency: int) -> int:
         return self.requests or 3 * concurrency
@@ -115,10 +122,11 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def load_generator_on_last_core() -> Iterator[None]:
-    """Run the client on the last core, the one genserve keeps for its HTTP front end (its engine core
-    pins itself to the others). The same placement is used for every served system."""
-    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+def load_generator_on_last_core(device: str = "cpu") -> Iterator[None]:
+    """On a CPU device, run the client on the last core, the one genserve keeps for its HTTP front end (its
+    engine core pins itself to the others). The same placement is used for every served system. On a GPU
+    nothing is pinned, so the client is not held to one core."""
+    if device != "cpu" or not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         yield
         return
     previous = os.sched_getaffinity(0)
@@ -154,7 +162,7 @@ async def load_server(server: RunningServer, scenario: Scenario, api: ApiKind, l
 
 def at_each_concurrency(scenario: Scenario, server: RunningServer, api: ApiKind, label: str) -> dict[int, dict]:
     results: dict[int, dict[str, Any]] = {}
-    with load_generator_on_last_core():
+    with load_generator_on_last_core(scenario.device):
         for concurrency in scenario.concurrencies:
             measured = replace(scenario, concurrency=concurrency, warmup_requests=scenario.warmup_for(concurrency),
                                requests=scenario.requests_for(concurrency))
@@ -184,6 +192,7 @@ GENSERVE_VARIANTS: dict[str, Callable[[int], list[str]]] = {
     "genserve-all-cores": lambda cpus: ["--pin-cpus", "false", "--cpu-threads", str(cpus)],
     "genserve-plain-weights": lambda cpus: ["--no-prepack-cpu-weights"],
     "genserve-plain-malloc": lambda cpus: ["--no-keep-freed-host-memory"],
+    "genserve-torch-attention": lambda cpus: ["--attention-backend", "torch"],
 }
 
 
@@ -194,6 +203,7 @@ def genserve_command(scenario: Scenario, port: int, variant: str = "genserve") -
         "--port", str(port),
         "--max-batch-size", str(scenario.genserve_max_batch_size),
         "--device", scenario.device,
+        *(["--kv-cache-tokens", str(scenario.genserve_kv_cache_tokens)] if scenario.genserve_kv_cache_tokens else []),
         *GENSERVE_VARIANTS[variant](usable_cpu_count()),
     ]  # fmt: skip
 
@@ -226,7 +236,7 @@ def bench_genserve_interleaved(scenario: Scenario, variants: list[str]) -> dict[
     results: dict[str, dict[int, dict[str, Any]]] = {variant: {} for variant in variants}
     with contextlib.ExitStack() as stack:
         servers = {variant: stack.enter_context(genserve_server(scenario, variant)) for variant in variants}
-        with load_generator_on_last_core():
+        with load_generator_on_last_core(scenario.device):
             for concurrency in scenario.concurrencies:
                 measured = replace(scenario, concurrency=concurrency, warmup_requests=scenario.warmup_for(concurrency),
                                    requests=scenario.requests_for(concurrency))
@@ -381,10 +391,10 @@ def format_results_table(results: dict[str, dict[str, Any]]) -> str:
         ("ITL p50", "itl_ms_p50"), ("ITL p99", "itl_ms_p99"), ("e2e p50", "e2e_ms_p50"),
         ("e2e p99", "e2e_ms_p99"), ("errors", "errors"),
     ]  # fmt: skip
-    header = f"{'system':<20}" + "".join(f"{title:>13}" for title, _ in columns)
+    header = f"{'system':<26}" + "".join(f"{title:>13}" for title, _ in columns)
     lines = [header, "-" * len(header)]
     for system, result in results.items():
-        lines.append(f"{system:<20}" + "".join(f"{format_value(result.get(key)):>13}" for _, key in columns))
+        lines.append(f"{system:<26}" + "".join(f"{format_value(result.get(key)):>13}" for _, key in columns))
     lines.append("(latencies in ms; raw has no HTTP, so only throughput)")
     for system, result in results.items():
         repeats = result.get("repeat_output_tok_s") or []
@@ -404,6 +414,10 @@ def throughput_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     variants = [results[name]["output_tok_s"] for name in GENSERVE_VARIANTS if name in results]
     if genserve and len(variants) > 1:
         ratios["genserve/best-genserve-setting"] = genserve / max(variants)
+    ttft_p99 = results.get("genserve", {}).get("ttft_ms_p99")
+    peer_ttft_p99 = results.get("transformers-serve", {}).get("ttft_ms_p99")
+    if ttft_p99 and peer_ttft_p99:  # below 1: genserve's p99 TTFT is the lower
+        ratios["ttft-p99 genserve/transformers-serve"] = ttft_p99 / peer_ttft_p99
     return ratios
 
 
@@ -414,9 +428,13 @@ def resolved_dtype(requested: str, device: str) -> str:
     return Settings(models={}, device=device, dtype=requested).resolved_dtype("autoregressive")
 
 
-def environment_description(host_memory: str) -> dict[str, Any]:
+def environment_description(host_memory: str, device: str = "cpu") -> dict[str, Any]:
     description: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                                    "bench_process_host_memory": host_memory}
+    if device.startswith("cuda"):
+        import torch
+
+        description["gpu"] = torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else None
     description["cpu_count"] = os.cpu_count()
     for package in ("torch", "transformers"):
         try:
@@ -428,9 +446,10 @@ def environment_description(host_memory: str) -> dict[str, Any]:
 
 def ensure_bench_model(model_path: Path, shape: str = "5m") -> None:
     if not (model_path / "config.json").is_file():
-        from loadtest.benchmarks.make_bench_model import build_bench_model
+        from loadtest.benchmarks.make_bench_model import BFLOAT16_SHAPES, build_bench_model
 
-        build_bench_model(model_path, shape=shape)
+        # the GPU-sized shapes skip the reload through transformers (the servers load them anyway)
+        build_bench_model(model_path, shape=shape, verify=shape not in BFLOAT16_SHAPES)
 
 
 def hf_cb_args(num_blocks: int, max_batch_tokens: int) -> list[str]:
@@ -463,6 +482,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
         help="OMP/torch threads for transformers serve and raw (0: library default = all cores); genserve "
         "variants set their own")
     parser.add_argument("--genserve-max-batch-size", type=int, default=0, help="0: the largest concurrency")
+    parser.add_argument("--genserve-kv-cache-tokens", type=int, default=0,
+                        help="genserve's --kv-cache-tokens (0: its default, 65536), a flag the report names")
     parser.add_argument(
         "--hf-cb-num-blocks", type=int, default=256,
         help="transformers serve KV blocks of 256 tokens (256 = genserve's 65536-token pool; 0: HF sizes it "
@@ -501,6 +522,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Scenario, list[str], Path
         startup_timeout_s=args.startup_timeout,
         repeats=max(args.repeats, 1),
         plain_malloc=args.plain_malloc,
+        genserve_kv_cache_tokens=args.genserve_kv_cache_tokens,
     )
     return scenario, systems, args.json_out or DEFAULT_JSON_OUT[args.shape]
 
@@ -553,13 +575,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(format_results_table(results))
         for name, ratio in ratios.items():
-            print(f"{name}: {ratio:.2f}x output tok/s")
+            print(f"{name}: {ratio:.2f}x" + ("" if name.startswith("ttft") else " output tok/s"))
         runs.append({"concurrency": concurrency, "results": results, "ratios": ratios})
     report = {
         "scenario": {key: str(value) if isinstance(value, Path) else value for key, value in vars(scenario).items()
                      if key != "concurrency"},
         "command": "python -m loadtest.benchmarks.bench_ar " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": environment_description(host_memory),
+        "environment": environment_description(host_memory, scenario.device),
         "runs": runs,
         "skipped": skipped,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

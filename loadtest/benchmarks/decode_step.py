@@ -3,8 +3,8 @@
 A decode step at small batch reads every weight once, so it cannot be faster than
 ``weight bytes / memory bandwidth``; the bandwidth is measured in the same run with a plain torch
 copy (which reads and writes each byte: bandwidth = 2 * bytes / time). For each model shape and batch
-size the step (``ModelRunner.execute``: host preparation, forward, logits) is timed with CUDA graphs
-and eagerly, every sequence holding ``--context`` tokens.
+size the step (``ModelRunner.execute``: host preparation, forward, logits) is timed with CUDA graphs,
+eagerly, and eagerly on the gathering torch attention, every sequence holding ``--context`` tokens.
 
     python -m loadtest.benchmarks.decode_step --json-out docs/decode_step_cuda.json
 """
@@ -36,6 +36,8 @@ SHAPES: dict[str, dict[str, Any]] = {
                        "tie_word_embeddings": False, "model_type": "llama", "architectures": ["LlamaForCausalLM"]},
 }
 BLOCK_SIZE = 16
+# (name, attention backend, CUDA graphs): flex reads the KV pool in place; torch gathers each context first
+MODES = (("cuda_graphs", "flex", True), ("eager", "flex", False), ("torch_gather", "torch", False))
 
 
 def copy_bandwidth(device: torch.device, num_bytes: int = 1 << 30, repeats: int = 20) -> float:
@@ -128,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         num_blocks = max(batch_sizes) * blocks_each
         results: dict[str, Any] = {"weight_bytes": weight_bytes, "bandwidth_limit_ms": round(limit_s * 1e3, 4),
                                    "batches": {}}
-        for mode, use_graphs in (("cuda_graphs", True), ("eager", False)):
+        for mode, backend, use_graphs in MODES:
             started = time.perf_counter()
-            runner = ModelRunner(model, num_blocks, BLOCK_SIZE, device, dtype, "flex", use_graphs,  # type: ignore[arg-type]
+            runner = ModelRunner(model, num_blocks, BLOCK_SIZE, device, dtype, backend, use_graphs,  # type: ignore[arg-type]
                                  max(batch_sizes), args.context + args.steps + 8)
             setup_s = time.perf_counter() - started
             for batch_size in batch_sizes:
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 entry = results["batches"].setdefault(str(batch_size), {})
                 entry[mode] = {"step_ms": round(step_s * 1e3, 3), "x_limit": round(step_s / limit_s, 2),
                                "tokens_per_s": round(batch_size / step_s, 1)}
-                print(f"{shape} batch {batch_size:3d} {mode:11s}: {step_s * 1e3:7.3f} ms/step = "
+                print(f"{shape} batch {batch_size:3d} {mode:12s}: {step_s * 1e3:7.3f} ms/step = "
                       f"{step_s / limit_s:5.2f} x the weight-bandwidth limit ({limit_s * 1e3:.3f} ms)", flush=True)
             results[f"{mode}_setup_s"] = round(setup_s, 1)
             del runner

@@ -1,6 +1,9 @@
 """Build a random-weight Llama for benchmarks, offline and deterministically: the ~5 M-parameter
-default, or (``--shape 108m``) a SmolLM-135M-shaped one (30 layers, hidden 576, intermediate 1536,
-heads 9/3, our 4096-token vocab: 108.6 M parameters).
+default, (``--shape 108m``) a SmolLM-135M-shaped one (30 layers, hidden 576, intermediate 1536,
+heads 9/3, our 4096-token vocab: 108.6 M parameters), or, for GPU runs, Qwen2.5-0.5B- and
+TinyLlama-1.1B-shaped Llamas with their published vocabulary sizes (151936 and 32000; saved in bfloat16).
+The tokenizer is always the 4096-token one trained here: the logit rows above it are suppressed like
+eos, so the full-size lm_head is computed every step but never picks a token the tokenizer lacks.
 
 The folder it writes loads with transformers' AutoModelForCausalLM / AutoTokenizer and with
 `transformers serve`, and carries a chat template so OpenAI-style chat endpoints work.
@@ -33,8 +36,16 @@ DEFAULT_OUTPUT_DIR = Path(".bench/tiny-llama-5m")
 SHAPES: dict[str, tuple[int, int, int, int, int]] = {
     "5m": (256, 688, 4, 4, 2),
     "108m": (576, 1536, 30, 9, 3),  # SmolLM-135M's shape with a 4096-token vocab
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2),  # Qwen2.5-0.5B's shape (as a Llama: no qkv bias, untied head)
+    "tinyllama-1.1b": (2048, 5632, 22, 32, 4),
 }
-DEFAULT_SHAPE_DIRS = {"5m": DEFAULT_OUTPUT_DIR, "108m": Path(".bench/llama-108m")}
+# the model's vocabulary (lm_head rows) where it is larger than the tokenizer's
+MODEL_VOCAB_SIZES = {"qwen2.5-0.5b": 151936, "tinyllama-1.1b": 32000}
+# shapes saved in bfloat16 (the GPU-sized ones: half the bytes to write and load)
+BFLOAT16_SHAPES = frozenset(MODEL_VOCAB_SIZES)
+DEFAULT_SHAPE_DIRS = {"5m": DEFAULT_OUTPUT_DIR, "108m": Path(".bench/llama-108m"),
+                      "qwen2.5-0.5b": Path(".bench/llama-qwen2.5-0.5b"),
+                      "tinyllama-1.1b": Path(".bench/llama-tinyllama-1.1b")}
 VOCAB_SIZE = 4096
 EOS_TOKEN = "<|endoftext|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -101,7 +112,8 @@ def train_tokenizer(output_dir: Path) -> int:
 
 
 def suppress_eos(model: LlamaForCausalLM, eos_token_id: int, suppression: float = EOS_SUPPRESSION) -> None:
-    """Rewire the random weights so the eos logit is always strongly negative (see module doc)."""
+    """Rewire the random weights so the eos logit, and every logit above the tokenizer's vocabulary, is
+    always strongly negative (see module doc)."""
     import torch
 
     with torch.no_grad():
@@ -109,21 +121,25 @@ def suppress_eos(model: LlamaForCausalLM, eos_token_id: int, suppression: float 
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[0, :] = 0.0
             layer.mlp.down_proj.weight[0, :] = 0.0
-        model.lm_head.weight[eos_token_id, :] = 0.0
-        model.lm_head.weight[eos_token_id, 0] = -suppression
+        for row in (eos_token_id, slice(VOCAB_SIZE, None)):
+            model.lm_head.weight[row, :] = 0.0
+            model.lm_head.weight[row, 0] = -suppression
 
 
-def check_eos_suppressed(model: LlamaForCausalLM, eos_token_id: int) -> float:
-    """Return the smallest gap between the best non-eos logit and the eos logit on random inputs."""
+def check_eos_suppressed(model: LlamaForCausalLM, eos_token_id: int, batch: tuple[int, int] = (4, 512)) -> float:
+    """Return the smallest gap between the best token the tokenizer knows (but eos) and the best
+    suppressed one (eos, or any id above the tokenizer's vocabulary), on random inputs."""
     import torch
 
     generator = torch.Generator().manual_seed(SEED)
-    input_ids = torch.randint(0, VOCAB_SIZE, (4, 512), generator=generator)
+    input_ids = torch.randint(0, VOCAB_SIZE, batch, generator=generator)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
-    eos_logits = logits[..., eos_token_id].clone()
+    suppressed = torch.cat([logits[..., eos_token_id:eos_token_id + 1], logits[..., VOCAB_SIZE:]], dim=-1)
+    suppressed_best = suppressed.max(dim=-1).values
+    logits = logits[..., :VOCAB_SIZE].clone()
     logits[..., eos_token_id] = float("-inf")
-    gap = (logits.max(dim=-1).values - eos_logits).min().item()
+    gap = (logits.max(dim=-1).values - suppressed_best).min().item()
     if gap <= 100.0:
         raise RuntimeError(f"eos suppression failed: logit gap only {gap:.1f}")
     return gap
@@ -136,7 +152,7 @@ def build_model(output_dir: Path, eos_token_id: int, shape: str = "5m") -> int:
 
     hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=MODEL_VOCAB_SIZES.get(shape, VOCAB_SIZE),
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -153,9 +169,11 @@ def build_model(output_dir: Path, eos_token_id: int, shape: str = "5m") -> int:
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     # 30 random layers grow the residual stream, so the anchor dimension is smaller after the final norm.
     suppress_eos(model, eos_token_id, EOS_SUPPRESSION * (10 if layers > 8 else 1))
-    gap = check_eos_suppressed(model, eos_token_id)
+    gap = check_eos_suppressed(model, eos_token_id, (2, 128) if shape in BFLOAT16_SHAPES else (4, 512))
     print(f"eos logit is at least {gap:.1f} below the best token")
     model.generation_config = GenerationConfig(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    if shape in BFLOAT16_SHAPES:
+        model.to(torch.bfloat16)
     model.save_pretrained(output_dir, safe_serialization=True)
     return sum(parameter.numel() for parameter in model.parameters())
 

@@ -66,3 +66,47 @@ def test_the_median_run_keeps_every_runs_layout_switches() -> None:
     assert chosen["repeat_output_tok_s"] == [300.0, 200.0, 250.0]
     assert chosen["repeat_cpu_layout_switches"] == [0.0, 6.0, 0.0]
     assert "repeat_cpu_layout_switches" not in median_run([{"output_tok_s": 1.0}])  # a system that never reports them
+
+
+def test_gpu_sized_bench_models_never_pick_a_token_above_the_tokenizer() -> None:
+    """The Qwen/TinyLlama-shaped models keep their published vocabulary (the full lm_head is computed) but the
+    4096-token tokenizer: every row above it is suppressed like eos, so greedy decoding stays inside it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loadtest.benchmarks.make_bench_model import VOCAB_SIZE, check_eos_suppressed, suppress_eos
+
+    config = LlamaConfig(vocab_size=VOCAB_SIZE + 904, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    prompts = torch.randint(0, VOCAB_SIZE, (8, 6))
+
+    def best_tokens() -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=prompts).logits.argmax(dim=-1)
+
+    assert (best_tokens() >= VOCAB_SIZE).any()  # random rows above the tokenizer do win without the rewiring
+    suppress_eos(model, eos_token_id=0)
+    assert check_eos_suppressed(model, eos_token_id=0, batch=(2, 16)) > 100
+    chosen = best_tokens()
+    assert (chosen < VOCAB_SIZE).all() and (chosen != 0).all()
+
+
+def test_the_sd_benchmark_runs_served_raw_and_serial_on_a_tiny_model(tmp_path: Path) -> None:
+    """bench_sd end to end on the CPU (``--shape tiny``), so the GPU pass meets no surprise: every system
+    answers every request, and the JSON names the model sizes and the device."""
+    from loadtest.benchmarks import bench_sd
+
+    json_out = tmp_path / "sd.json"
+    bench_sd.main(["--shape", "tiny", "--device", "cpu", "--model-path", str(tmp_path / "sd-tiny"),
+                   "--concurrency", "2", "--requests", "4", "--serial-requests", "2", "--min-steps", "2",
+                   "--max-steps", "3", "--json-out", str(json_out)])
+    report = json.loads(json_out.read_text())
+    assert report["skipped"] == {}
+    for system in ("served", "raw", "serial"):
+        result = report["results"][system]
+        assert result["errors"] == 0 and result["images_per_s"] > 0
+    assert report["results"]["served"]["images"] == report["results"]["raw"]["images"] == 4
+    assert set(report["ratios"]) == {"served/raw", "served/serial", "raw/serial"}
+    assert report["scenario"]["parameters"]["unet"] > 0 and report["environment"]["device_name"]
