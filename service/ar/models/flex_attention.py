@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -100,8 +101,17 @@ class PoolMaskInputs:
 
 def _padded_tables(block_tables: list[list[int]], blocks_used: list[int], width: int, pad: int,
                    padding_rows: int = 0) -> torch.Tensor:
-    rows = [table[:used] + [pad] * (width - used) for table, used in zip(block_tables, blocks_used)]
-    return torch.tensor(rows + [[pad] * width] * padding_rows, dtype=torch.long).view(-1, width)
+    """[rows + padding_rows, width] int64: each row's first ``blocks_used`` blocks, then ``pad``.
+
+    Only the used entries pass through Python; padding a list per row cost ~5 us per row at the
+    graphs' full table width (256 blocks), i.e. milliseconds per step at a few hundred sequences."""
+    tables = np.full((len(block_tables) + padding_rows, width), pad, dtype=np.int64)
+    used_entries = [block for table, used in zip(block_tables, blocks_used) for block in table[:used]]
+    if used_entries:
+        counts = np.asarray(blocks_used, dtype=np.int64)
+        row_starts = np.repeat(np.cumsum(counts) - counts, counts)
+        tables[np.repeat(np.arange(len(counts)), counts), np.arange(len(used_entries)) - row_starts] = used_entries
+    return torch.from_numpy(tables)
 
 
 def decode_mask_tensors(block_tables: list[list[int]], positions: list[int], rows: int, table_width: int,
