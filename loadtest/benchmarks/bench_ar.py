@@ -9,6 +9,8 @@
   genserve-plain-malloc   the same with `--no-keep-freed-host-memory` (glibc's default malloc thresholds)
   genserve-torch-attention  the same with `--attention-backend torch` (on CUDA: the gathering attention and
                       no decode CUDA graphs, i.e. what flex + graphs replace)
+  genserve-prefill-4096  the same with `--max-num-batched-tokens 4096` (an 8x larger chunked-prefill budget: on a GPU,
+                      fewer eager prefill steps per wave of prompts)
   raw                 genserve's engine in-process, no HTTP (`loadtest.benchmarks.raw_ar.run_raw`)
   matmul-limit        tokens/s if a step cost only its matmuls: plain `F.linear` over the model's weight
                       shapes at batch = concurrency, same dtype, all cores (the ratio genserve/matmul-limit
@@ -55,7 +57,7 @@ from loadtest.benchmarks.server_metrics import cpu_layout_switches, switches_bet
 from service.runtime.host_memory import keep_freed_host_memory
 
 SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "genserve-plain-weights",
-           "genserve-plain-malloc", "genserve-torch-attention", "raw", "matmul-limit")
+           "genserve-plain-malloc", "genserve-torch-attention", "genserve-prefill-4096", "raw", "matmul-limit")
 DEFAULT_SYSTEMS = ("transformers-serve", "genserve", "genserve-pinned", "genserve-all-cores", "matmul-limit")
 GENSERVE_MODEL_NAME = "bench"
 DEFAULT_JSON_OUT = {"5m": Path("docs/bench_ar.json"), "108m": Path("docs/bench_ar_108m.json"),
@@ -193,6 +195,7 @@ GENSERVE_VARIANTS: dict[str, Callable[[int], list[str]]] = {
     "genserve-plain-weights": lambda cpus: ["--no-prepack-cpu-weights"],
     "genserve-plain-malloc": lambda cpus: ["--no-keep-freed-host-memory"],
     "genserve-torch-attention": lambda cpus: ["--attention-backend", "torch"],
+    "genserve-prefill-4096": lambda cpus: ["--max-num-batched-tokens", "4096"],
 }
 
 

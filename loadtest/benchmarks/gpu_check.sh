@@ -38,8 +38,9 @@ PART=${PART:-a}
 if [[ "$PART" == *a* ]]; then
   # the AR server compiles flex attention for its decode batch sizes first; decode_step, later, reuses what
   # inductor cached for the same shapes
-  step "AR: Qwen2.5-0.5B shape, genserve vs transformers serve" bench_ar_qwen.log 200 40 \
-    python3 -m loadtest.benchmarks.bench_ar --device cuda --shape qwen2.5-0.5b --systems genserve,transformers-serve \
+  step "AR: Qwen2.5-0.5B shape, genserve vs transformers serve" bench_ar_qwen.log 240 40 \
+    python3 -m loadtest.benchmarks.bench_ar --device cuda --shape qwen2.5-0.5b \
+    --systems genserve,genserve-prefill-4096,transformers-serve \
     --concurrency 64,256 --requests "${AR_REQUESTS:-256}" --warmup 64 --max-tokens 128 --prompt-len 66 --repeats 1 \
     --hf-cb-num-blocks 0 --hf-cb-max-batch-tokens 0 --genserve-kv-cache-tokens 262144 --startup-timeout 170 \
     --json-out "$OUT/bench_ar_qwen2.5-0.5b_cuda.json"
