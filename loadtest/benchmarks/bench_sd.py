@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import platform
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from loadtest.benchmarks.bench_diffusion import format_value
 from loadtest.benchmarks.clip_tokenizer import build_clip_tokenizer
 from loadtest.benchmarks.hf_serve import find_free_port, managed_server
 from loadtest.clients.diffusion_load import ImageRequest, percentile, request_plan, run_image_load
@@ -248,12 +248,6 @@ def bench_served(scenario: Scenario) -> dict[str, Any]:
 
 
 BENCHMARKS = {"serial": bench_serial, "raw": bench_raw, "served": bench_served}
-
-
-def format_value(value: Any, scale: float = 1.0, digits: int = 1) -> str:
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        return "-"
-    return f"{value * scale:.{digits}f}"
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
