@@ -54,13 +54,11 @@ if [[ "$PART" == *a* ]]; then
     --json-out "$OUT/decode_step_cuda.json"
 fi
 if [[ "$PART" == *b* ]]; then
+  # --dist loadfile: a module's tests share one server and some rely on their order (test_supervision.py).
   # tests/deploy drives Prometheus, Chromium, hadolint and kubectl, none of which this machine has, and none
   # touches CUDA; schemathesis is not installed here either
-  step "CUDA-path tests: flex attention, decode graphs, CUDA engines" pytest_cuda_path.log 100 10 \
-    python3 -m pytest -q -p no:cacheprovider -rs tests/unit/test_ar_engine_cuda.py tests/unit/test_flex_attention.py \
-    tests/unit/test_diffusion_engine_cuda.py
-  step "the whole suite on CUDA" pytest_all.log 420 25 \
-    python3 -m pytest -q -p no:cacheprovider -rs -n "${WORKERS:-12}" --continue-on-collection-errors \
+  step "the whole suite on CUDA" pytest_all.log 330 25 \
+    python3 -m pytest -q -p no:cacheprovider -rs -n "${WORKERS:-12}" --dist loadfile --continue-on-collection-errors \
     --ignore=tests/deploy --deselect tests/integration/test_hardening.py::test_schemathesis_finds_no_server_error \
     ${TESTS:-tests}
   step "AR: TinyLlama-1.1B shape, genserve vs transformers serve" bench_ar_tinyllama.log 200 40 \

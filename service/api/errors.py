@@ -138,17 +138,19 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
     return "; ".join(parts), first_field
 
 
+def api_error_response(error: APIError, openai: bool) -> JSONResponse:
+    """The JSON answer to ``error`` (from ``api_error`` or raised), in OpenAI's shape with ``openai``."""
+    return error_response(error.status_code, error.error_type, error.message, error.headers, openai, error.param)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
-        return error_response(error.status_code, error.error_type, error.message, error.headers,
-                              _is_openai(request), error.param)
+        return api_error_response(error, _is_openai(request))
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, error: EngineError) -> JSONResponse:
-        translated = api_error(error, request.app.state.settings.retry_after_s)
-        return error_response(translated.status_code, translated.error_type, translated.message,
-                              translated.headers, _is_openai(request))
+        return api_error_response(api_error(error, request.app.state.settings.retry_after_s), _is_openai(request))
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -15,7 +15,7 @@ from fastapi.sse import EventSourceResponse
 
 from service.api.body import read_json_body
 from service.api.engine_params import image_params, masked_text_request, text_request
-from service.api.errors import APIError, api_error, error_response
+from service.api.errors import APIError, api_error, api_error_response
 from service.api.generate_format import delta_events, error_json, error_of, result_body
 from service.api.openapi import request_body
 from service.api.routing import resolve_model
@@ -137,8 +137,7 @@ async def finished_output(stream: RequestStream, request: Request, openai: bool 
     if error is not None:
         translated = api_error(error, request.app.state.settings.retry_after_s)
         log_request(stream, translated.status_code, False, output)
-        return error_response(translated.status_code, translated.error_type, translated.message, translated.headers,
-                              openai=openai)
+        return api_error_response(translated, openai)
     log_request(stream, 200, False, output)
     return output
 

@@ -23,7 +23,7 @@ from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel
 
 from service.api.engine_params import sampling_params, with_model_defaults
-from service.api.errors import APIError, api_error, error_body, error_response, status_of
+from service.api.errors import APIError, api_error, api_error_response, error_body, status_of
 from service.api.generate import SSE_HEADERS, log_request, read_request_json, ready_client, submit
 from service.api.generate_format import merge_text_deltas
 from service.api.openai_schemas import OpenAITextRequest
@@ -309,8 +309,7 @@ async def json_answer(choices: ChoiceSet, body: Callable[[], dict[str, Any]], re
     if error is not None:  # as /generate answers it, Retry-After included where a retry can help
         translated = api_error(error, retry_after_s)
         choices.log(translated.status_code, False)
-        return error_response(translated.status_code, translated.error_type, translated.message, translated.headers,
-                              openai=True)
+        return api_error_response(translated, openai=True)
     choices.log(200, False)
     return JSONResponse(body())
 
