@@ -110,3 +110,17 @@ def test_the_sd_benchmark_runs_served_raw_and_serial_on_a_tiny_model(tmp_path: P
     assert report["results"]["served"]["images"] == report["results"]["raw"]["images"] == 4
     assert set(report["ratios"]) == {"served/raw", "served/serial", "raw/serial"}
     assert report["scenario"]["parameters"]["unet"] > 0 and report["environment"]["device_name"]
+
+
+def test_a_decode_layer_runs_four_fused_matmuls_and_counts_its_kernels() -> None:
+    """decode_ops' per-layer count: q/k/v and gate/up stay fused (4 matmuls, not 7), views and same-dtype
+    casts launch nothing, and every layer writes its K and V into the pool once."""
+    import torch
+
+    from loadtest.benchmarks.decode_ops import VIEW_OPS, decode_forward_ops
+
+    two, four = decode_forward_ops(2, torch.device("cpu")), decode_forward_ops(4, torch.device("cpu"))
+    per_layer = {name: (four[name] - two[name]) // 2 for name in four}
+    assert per_layer["linear"] == 4 and per_layer["index_copy_"] == 2
+    assert "to (no-op)" in VIEW_OPS and per_layer.get("to (no-op)", 0) > 0
+    assert 20 < sum(count for name, count in per_layer.items() if name not in VIEW_OPS) < sum(per_layer.values())
