@@ -26,7 +26,7 @@ import torch
 from service.common.errors import EngineError, InvalidRequest
 from service.common.outputs import FinishReason, RequestOutput, StepReport, StepStats
 from service.diffusion.batch import GroupStep, denoise_group
-from service.diffusion.images import png_bytes, preview_png_bytes, to_uint8
+from service.diffusion.images import preview_png_bytes, to_uint8
 from service.diffusion.job import ImageJob, ImageRow
 from service.diffusion.outputs import GeneratedImage, ImageProgress, ImageResult
 from service.diffusion.params import ImageParams
@@ -217,8 +217,7 @@ class DiffusionEngine:
             pixels = to_uint8(self.pipeline.decode(torch.cat([row.latents for job in shape_jobs for row in job.rows])))
             offset = 0
             for job in shape_jobs:
-                images = tuple(GeneratedImage(png_bytes(pixels[offset + i]), row.seed)
-                               for i, row in enumerate(job.rows))
+                images = tuple(GeneratedImage(pixels[offset + i], row.seed) for i, row in enumerate(job.rows))
                 offset += len(job.rows)
                 outputs.append(self._finish(job, "stop", images, delta=self._progress(job, previews)))
         return outputs

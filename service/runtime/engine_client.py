@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from service.common.errors import EngineUnavailable
 from service.common.outputs import RequestOutput
 from service.runtime.engine_core import run_engine_core
+from service.runtime.image_encoder import ImageEncoder
 from service.runtime.cpu_layout import move_process_threads
 from service.runtime.messages import (AbortRequest, AddRequest, Admitted, CoreFailed, CoreReady, CpuLayoutChanged,
                                       EngineParams, FrontEndMessage, Heartbeat, ModelInfo, Rejected, Shutdown,
@@ -125,6 +126,7 @@ class CoreProcess:
         self._loop = loop
         self._on_message = on_message
         self._send_lock = threading.Lock()
+        self._images = ImageEncoder(self._post)
         self.process.start()
         command_reader.close()
         result_writer.close()
@@ -144,6 +146,11 @@ class CoreProcess:
         with self._send_lock:
             self._commands.send(message)
 
+    def _post(self, message: object) -> None:
+        """Hand ``message`` to the event loop (from the reader or an image-encoder thread)."""
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_message, self, message)
+
     def _read(self) -> None:
         while True:
             try:
@@ -152,9 +159,11 @@ class CoreProcess:
                 message = None  # the core exited
             if self._loop.is_closed():
                 return
-            self._loop.call_soon_threadsafe(self._on_message, self, message)
             if message is None:
+                self._images.finish()  # images that finished before the exit are answered first
+                self._post(None)
                 return
+            self._images.route(message)
 
     def kill(self) -> None:
         if self.process.is_alive():

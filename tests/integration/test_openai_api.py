@@ -230,7 +230,9 @@ def test_non_streamed_choices_get_only_their_final_output(client: openai.OpenAI,
     answer = client.completions.create(**request)
     streamed = list(client.completions.create(**request, stream=True))
     assert "".join(c.text for chunk in streamed for c in chunk.choices) == answer.choices[0].text
-    [json_line] = request_log_lines(server, answer.id).values()
+    [json_line] = request_log_lines(server, answer.id).values()  # logged before the answer is sent
+    # a stream's line is logged as its generator closes, which may come just after the client read [DONE]
+    assert wait_for(lambda: len(request_log_lines(server, streamed[0].id)) == 1, timeout=5)
     [stream_line] = request_log_lines(server, streamed[0].id).values()
     assert json_line["outputs"] == 1 and json_line["status"] == 200
     assert stream_line["outputs"] >= stream_line["completion_tokens"] == json_line["completion_tokens"] > 1

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -26,6 +27,7 @@ from service.ar.outputs import PromptTokenLogprob, TextDelta, TextResult, TokenL
 from service.common.errors import (EngineError, EngineFailed, EngineUnavailable, InvalidRequest, PromptTooLong,
                                    QueueFull, RequestTimedOut, UnknownLabel, UnknownModel)
 from service.common.outputs import RequestOutput, Timings
+from service.diffusion.images import decode_png_base64, png_bytes
 from service.diffusion.outputs import GeneratedImage, ImageProgress, ImageResult
 from service.runtime.engine_client import RequestStream
 from service.runtime.metrics import REGISTRY
@@ -126,10 +128,14 @@ def test_masked_text_and_image_result_bodies() -> None:
                     "timings": {"queue_s": 0.5, "ttft_s": None, "total_s": 3.0}, "prompt_elbo": elbo_json(bound)}
     untimed = result_body(stream, RequestOutput("gen-1", result=MaskedTextResult("a", (4,), "length", 2, 16)))
     assert untimed["timings"] is None and "prompt_elbo" not in untimed
-    image = ImageResult((GeneratedImage(b"one", 11), GeneratedImage(b"two", 12)), 20, "ddim", "stop")
+    first, second = np.zeros((2, 3, 1), dtype=np.uint8), np.full((4, 2, 3), 200, dtype=np.uint8)
+    image = ImageResult((GeneratedImage(first, 11), GeneratedImage(second, 12)), 20, "ddim", "stop")
     body = result_body(stream, RequestOutput("gen-1", result=image, timings=Timings(0.5, 3.0)))
+    assert [decode_png_base64(entry["png_base64"]).shape for entry in body["images"]] == [(2, 3, 1), (4, 2, 3)]
+    assert (decode_png_base64(body["images"][1]["png_base64"]) == 200).all()
     assert body == {"id": "gen-1", "model": "tiny", "paradigm": "diffusion",
-                    "images": [{"png_base64": "b25l", "seed": 11}, {"png_base64": "dHdv", "seed": 12}],
+                    "images": [{"png_base64": b64(png_bytes(first)), "seed": 11},
+                               {"png_base64": b64(png_bytes(second)), "seed": 12}],
                     "steps": 20, "scheduler": "ddim", "finish_reason": "stop",
                     "timings": {"queue_s": 0.5, "total_s": 3.0}}
     assert result_body(stream, RequestOutput("gen-1", result=image))["timings"] is None
