@@ -23,7 +23,7 @@ class GeneratedImage:
 
     ``png`` encodes it on first use and keeps the bytes. The engine core only decodes: a 512x512 PNG takes
     ~30 ms of CPU for a noisy image, which in the step loop would hold every other request (and the GPU)
-    back. The front end encodes finished images in its own threads (``engine_client.ImageEncoder``)."""
+    back. The front end encodes finished images in its own threads (``runtime/image_encoder.py``)."""
 
     __slots__ = ("pixels", "seed", "_png")
 
