@@ -28,7 +28,7 @@ Usage:
   python -m loadtest.benchmarks.bench_ar --shape 108m --concurrency 16,32 --requests 64
   python -m loadtest.benchmarks.bench_ar --systems transformers-serve --concurrency 8 --requests 16
   python -m loadtest.benchmarks.bench_ar --device cuda --shape qwen2.5-0.5b --concurrency 64,256 \
-      --max-tokens 128 --prompt-len 128 --systems transformers-serve,genserve,genserve-torch-attention
+      --max-tokens 128 --prompt-len 66 --systems transformers-serve,genserve,genserve-torch-attention  # ~128-token prompts
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from loadtest.benchmarks.decode_step import random_model
 from service.ar.model_runner import ModelRunner
-from service.ar.models import create_model
 from service.ar.models.attention import SequenceSlice, build_forward_batch
 
 # ops that only make a new view (or a no-op copy of the autograd state): no kernel
@@ -47,14 +47,10 @@ class OpCounter(TorchDispatchMode):
 
 
 def decode_forward_ops(layers: int, device: torch.device) -> collections.Counter[str]:
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128,
-              "intermediate_size": 256, "num_hidden_layers": layers, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
-              "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False}
-    model = create_model(config, device, torch.bfloat16)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.02)
+    model = random_model({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128,
+                          "intermediate_size": 256, "num_hidden_layers": layers, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256,
+                          "tie_word_embeddings": False}, device, torch.bfloat16)
     runner = ModelRunner(model, 64, BLOCK_SIZE, device, torch.bfloat16, "torch")
     blocks_each = -(-(CONTEXT + 1) // BLOCK_SIZE)
     slices = [SequenceSlice([1], CONTEXT, list(range(i * blocks_each, (i + 1) * blocks_each))) for i in range(4)]

@@ -56,8 +56,13 @@ def copy_bandwidth(device: torch.device, num_bytes: int = 1 << 30, repeats: int 
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    config = {**SHAPES[shape], "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "hidden_act": "silu"}
+    return random_model({**SHAPES[shape], "max_position_embeddings": 4096}, device, dtype)
+
+
+def random_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Our model for an HF-style Llama ``config`` (norm eps, rope theta and activation defaulted), weights
+    drawn N(0, 0.02), norms 1."""
+    config = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", **config}
     model = create_model(config, device, dtype)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

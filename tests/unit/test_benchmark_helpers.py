@@ -124,3 +124,14 @@ def test_a_decode_layer_runs_four_fused_matmuls_and_counts_its_kernels() -> None
     assert per_layer["linear"] == 4 and per_layer["index_copy_"] == 2
     assert "to (no-op)" in VIEW_OPS and per_layer.get("to (no-op)", 0) > 0
     assert 20 < sum(count for name, count in per_layer.items() if name not in VIEW_OPS) < sum(per_layer.values())
+
+
+def test_the_ar_ratios_put_genserves_ttft_p99_over_the_peers() -> None:
+    from loadtest.benchmarks.bench_ar import throughput_ratios
+
+    results = {"genserve": {"output_tok_s": 600.0, "ttft_ms_p99": 50.0},
+               "transformers-serve": {"output_tok_s": 200.0, "ttft_ms_p99": 200.0}}
+    ratios = throughput_ratios(results)
+    assert ratios["genserve/transformers-serve"] == 3.0
+    assert ratios["ttft-p99 genserve/transformers-serve"] == 0.25  # below 1: genserve's is the lower
+    assert "ttft-p99 genserve/transformers-serve" not in throughput_ratios({"genserve": results["genserve"]})
