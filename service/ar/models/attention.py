@@ -79,6 +79,22 @@ class ForwardBatch:
     flex: FlexAttentionMetadata | None = None  # set: the flex backend, and the torch fields above are empty
     fresh_prefills: list[FreshPrefills] = field(default_factory=list)
     _decode_score_biases: dict[tuple[torch.dtype, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _decode_pool_rows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def decode_pool_rows(self, kv_heads: int, pool_blocks: int) -> torch.Tensor:
+        """The decodes' blocks as rows of the pool viewed [kv_heads * pool_blocks, block_size * head_dim],
+        head-major: [kv_heads * num_decodes * max_blocks]. One ``index_select`` along dim 0 then gathers
+        every head's context as whole contiguous blocks (dim 1 of the [kv_heads, blocks, ...] view copies
+        element by element: 1.45x slower at a 108 M layer's 32 x 7 blocks). Built by the step's first layer."""
+        key = (kv_heads, pool_blocks)
+        rows = self._decode_pool_rows.get(key)
+        if rows is None:
+            assert self.decode_kv_blocks is not None
+            blocks = self.decode_kv_blocks.reshape(1, -1)
+            heads = torch.arange(kv_heads, device=blocks.device).unsqueeze(1)
+            rows = (heads * pool_blocks + blocks).reshape(-1)
+            self._decode_pool_rows[key] = rows
+        return rows
 
     def decode_score_bias(self, dtype: torch.dtype, kv_heads: int) -> torch.Tensor:
         """``decode_mask`` as an additive score bias (0 or -inf), [kv_heads * num_decodes, 1, context] to
@@ -229,13 +245,14 @@ def paged_attention(
         assert batch.decode_kv_blocks is not None and batch.decode_mask is not None
         n, max_blocks = batch.decode_kv_blocks.shape
         max_context = batch.decode_mask.shape[-1]
-        flat_blocks = batch.decode_kv_blocks.reshape(-1)
         kv_heads, num_slots, head_dim = key_cache.shape
         block_size = max_context // max_blocks
-        pool_shape = (kv_heads, num_slots // block_size, block_size, head_dim)
-        # index_select, not key_cache[blocks]: on a CPU the advanced-indexing gather is ~8x slower
-        keys = key_cache.view(pool_shape).index_select(1, flat_blocks).view(kv_heads, n, max_context, head_dim)
-        values = value_cache.view(pool_shape).index_select(1, flat_blocks).view(kv_heads, n, max_context, head_dim)
+        pool_blocks = num_slots // block_size
+        rows = batch.decode_pool_rows(kv_heads, pool_blocks)
+        pool_rows = (kv_heads * pool_blocks, block_size * head_dim)
+        # index_select, not key_cache[rows]: on a CPU the advanced-indexing gather is ~8x slower
+        keys = key_cache.view(pool_rows).index_select(0, rows).view(kv_heads, n, max_context, head_dim)
+        values = value_cache.view(pool_rows).index_select(0, rows).view(kv_heads, n, max_context, head_dim)
         if query.device.type == "cpu":
             decoded = _decode_attention_matmul(query[:n], keys, values,
                                                batch.decode_score_bias(key_cache.dtype, kv_heads), scale)

@@ -265,19 +265,23 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         positions = torch.arange(max_positions, dtype=torch.float32, device=device)
         frequencies = torch.outer(positions, inverse_frequencies.to(device))
-        angles = torch.cat((frequencies, frequencies), dim=-1)  # HF layout: halves, not interleaved
-        self.register_buffer("cos_table", angles.cos(), persistent=False)
-        self.register_buffer("sin_table", angles.sin(), persistent=False)
+        # HF layout: halves, not interleaved. The sine's first half carries rotate_half's minus sign, so
+        # that ``apply`` needs no negation (exact: IEEE negation commutes with products and rounding).
+        self.register_buffer("cos_table", torch.cat((frequencies.cos(), frequencies.cos()), dim=-1),
+                             persistent=False)
+        self.register_buffer("signed_sin_table", torch.cat((-frequencies.sin(), frequencies.sin()), dim=-1),
+                             persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin rows [T, 1, head_dim] for ``positions`` [T], ready to broadcast over heads."""
+        """cos and signed sin rows [T, 1, head_dim] for ``positions`` [T], ready to broadcast over heads."""
         cos = self.cos_table.index_select(0, positions).to(dtype)
-        sin = self.sin_table.index_select(0, positions).to(dtype)
-        return cos[:, None, :], sin[:, None, :]
+        signed_sin = self.signed_sin_table.index_select(0, positions).to(dtype)
+        return cos[:, None, :], signed_sin[:, None, :]
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` [T, heads, head_dim]."""
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` [T, heads, head_dim]: HF's ``x * cos + rotate_half(x) * sin``, with the halves
+        swapped here and rotate_half's sign already in ``signed_sin``."""
         half = x.shape[-1] // 2
-        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated_half * sin
+        swapped_halves = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + swapped_halves * signed_sin
