@@ -117,8 +117,12 @@ class Settings(BaseSettings):
                                          "MALLOC_* or GLIBC_TUNABLES malloc settings in the environment rule")
     cpu_layout_window_s: float = Field(0.2, gt=0, description="--pin-cpus auto: step time of one comparison "
                                        "window (a trial alternates the layouts over seven)")
-    cpu_layout_retune_s: float = Field(120.0, gt=0, description="--pin-cpus auto: step time between two "
-                                       "comparisons of the layouts")
+    cpu_layout_first_retune_s: float = Field(10.0, gt=0, description="--pin-cpus auto: step time from the first "
+                                             "decision (or a switch) to the next comparison of the layouts; each "
+                                             "comparison that keeps the layout doubles it, up to "
+                                             "--cpu-layout-retune-s")
+    cpu_layout_retune_s: float = Field(120.0, gt=0, description="--pin-cpus auto: the longest step time between "
+                                       "two comparisons of the layouts")
     # Sharing one device (runtime/worker.py): steps each engine runs per round-robin cycle while busy
     ar_steps_per_cycle: int = Field(1, ge=1, description="AR steps per device-loop cycle")
     diffusion_steps_per_cycle: int = Field(1, ge=1, description="diffusion steps per device-loop cycle")

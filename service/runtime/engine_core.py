@@ -140,7 +140,9 @@ def run_engine_core(settings: Settings, commands: Connection, results: Connectio
             loop.send(CpuLayoutChanged(layout.name, layout.front_end_cpus))  # the front end follows
 
         tuner = CpuLayoutTuner(*layouts, apply=switch_layout, window_s=settings.cpu_layout_window_s,
-                               retune_after_s=settings.cpu_layout_retune_s, warmup_steps=CPU_LAYOUT_WARMUP_STEPS)
+                               retune_after_s=settings.cpu_layout_retune_s,
+                               first_retune_after_s=settings.cpu_layout_first_retune_s,
+                               warmup_steps=CPU_LAYOUT_WARMUP_STEPS)
         worker.step_observer = lambda engine_name, stats, seconds: tuner.observe(
             *step_sample(engine_name, stats.batch_size, stats.scheduled_tokens, seconds))
     try:

@@ -30,7 +30,7 @@ def _events(log: str, name: str) -> list[dict[str, object]]:
 def test_the_engine_core_settles_on_a_layout_and_moves_every_thread(tmp_path: Path) -> None:
     model = build_tiny_llama(tmp_path / "llama", seed=5)
     with running_server({"llama": model}, tmp_path, "--device", "cpu", "--cpu-layout-window-s", "0.02",
-                        "--cpu-layout-retune-s", "1000") as server:
+                        "--cpu-layout-retune-s", "1000", "--cpu-layout-first-retune-s", "1000") as server:
         with server.client() as http:
             deadline = time.monotonic() + 60
             while not _events(server.log(), "cpu_layout") and time.monotonic() < deadline:

@@ -113,6 +113,42 @@ def test_the_comparison_runs_again_after_retune_after_s_and_follows_a_changed_lo
     assert [decision["layout"] for decision in core.tuner.decisions][:2] == ["pinned", "all-cores"]
 
 
+def _settled_steps_before_each_trial(core: SimulatedCore, decisions: int) -> list[int]:
+    spans, settled = [], 0
+    while len(core.tuner.decisions) < decisions:
+        was_trialling = core.tuner.trialling
+        core.run(1)
+        if not was_trialling:
+            if core.tuner.trialling:
+                spans.append(settled + 1)
+                settled = 0
+            else:
+                settled += 1
+    return spans
+
+
+def test_a_decision_is_checked_soon_and_then_less_often_while_it_holds() -> None:
+    """The first trial runs on the traffic's first seconds; the next one follows after first_retune_after_s,
+    and each one that keeps the layout doubles the wait, up to retune_after_s."""
+    core = SimulatedCore({"pinned": 0.010, "all-cores": 0.020}, first_retune_after_s=1.0, retune_after_s=4.0)
+    spans = _settled_steps_before_each_trial(core, decisions=5)
+    assert [decision["layout"] for decision in core.tuner.decisions] == ["pinned"] * 5
+    assert [decision["next_trial_after_s"] for decision in core.tuner.decisions] == [1.0, 2.0, 4.0, 4.0, 4.0]
+    # settled steps of 10 ms before trials 2-5: 1 s, 2 s, 4 s, 4 s of step time
+    assert spans == pytest.approx([100, 200, 400, 400], abs=1)
+
+
+def test_a_switch_brings_the_next_check_back_to_the_shortest_wait() -> None:
+    core = SimulatedCore({"pinned": 0.010, "all-cores": 0.020}, first_retune_after_s=1.0, retune_after_s=8.0)
+    _settled_steps_before_each_trial(core, decisions=3)
+    assert core.tuner.next_retune_after_s == 4.0
+    core.step_s = {"pinned": 0.010, "all-cores": 0.005}  # the load changed: all-cores now wins
+    spans = _settled_steps_before_each_trial(core, decisions=5)
+    assert [decision["layout"] for decision in core.tuner.decisions] == ["pinned"] * 3 + ["all-cores"] * 2
+    assert [decision["next_trial_after_s"] for decision in core.tuner.decisions][3:] == [1.0, 2.0]
+    assert spans == pytest.approx([400, 200], abs=1)  # 4 s of pinned steps, then 1 s of all-cores steps
+
+
 def test_a_slowdown_of_the_settled_layout_starts_a_trial_at_once() -> None:
     """A busy neighbour appears: all-cores (a spinning 2-thread team) slows 10x, pinned barely."""
     core = SimulatedCore({"pinned": 0.010, "all-cores": 0.007}, retune_after_s=1000.0)
