@@ -16,7 +16,7 @@ from service.ar.loader import LoadedCausalLM, load_causal_lm
 from service.runtime.registry import detect_paradigm
 from service.ar.models import MODEL_CLASSES, CausalLM, UnsupportedModelError, WeightLoadingError, create_model
 from service.ar.models.attention import SequenceSlice, build_forward_batch
-from service.ar.models.layers import rope_inverse_frequencies, rope_parameters_from_config
+from service.ar.models.layers import RMSNorm, RotaryEmbedding, rope_inverse_frequencies, rope_parameters_from_config
 from tests.fixtures.tiny_models import (
     CHAT_TEMPLATE,
     EOS_TOKEN,
@@ -486,3 +486,33 @@ def test_tiny_tokenizer_loads_everywhere_and_splits_multibyte_characters(tmp_pat
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert rendered == "user: hi\nassistant:"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_rotary_are_bit_identical_to_transformers_llama(dtype: torch.dtype) -> None:
+    """The fused norm and the sign-folded rotary embedding round exactly where HF's Llama rounds."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(3)
+    hidden = (torch.randn(37, 96, generator=generator) * 4).to(dtype)
+    weight = (torch.randn(96, generator=generator) + 1).to(dtype)
+    ours = RMSNorm(96, 1e-5, CPU, dtype)
+    reference = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        reference.weight.copy_(weight)
+        assert torch.equal(ours(hidden), reference(hidden))
+
+    head_dim, positions = 32, torch.arange(5, 42)
+    rotary = RotaryEmbedding(rope_inverse_frequencies({"rope_type": "default", "rope_theta": 10000.0}, head_dim),
+                             64, CPU)
+    cos, signed_sin = rotary.cos_sin(positions, dtype)
+    angles = positions[:, None].float() * rope_inverse_frequencies(
+        {"rope_type": "default", "rope_theta": 10000.0}, head_dim)[None]
+    hf_cos = torch.cat((angles, angles), dim=-1).cos().to(dtype)[None]
+    hf_sin = torch.cat((angles, angles), dim=-1).sin().to(dtype)[None]
+    query = torch.randn(37, 4, head_dim, generator=generator).to(dtype)
+    key = torch.randn(37, 2, head_dim, generator=generator).to(dtype)
+    hf_query, hf_key = apply_rotary_pos_emb(query.transpose(0, 1)[None], key.transpose(0, 1)[None], hf_cos, hf_sin)
+    assert torch.equal(RotaryEmbedding.apply(query, cos, signed_sin), hf_query[0].transpose(0, 1))
+    assert torch.equal(RotaryEmbedding.apply(key, cos, signed_sin), hf_key[0].transpose(0, 1))

@@ -113,9 +113,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, round back, then scale: the same rounding order as HF Llama.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalise in float32, round back, then scale: the same rounding order as HF Llama. F.rms_norm is
+        # HF's x * rsqrt(mean(x^2) + eps), bit-identical on a CPU, and one fused kernel on CUDA instead of five.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
