@@ -127,13 +127,14 @@ class ServedEngine:
             raise InjectedFault(f"injected failure of step {self.steps_run} of {self.name}")
         if self.steps_run in self._out_of_memory_at_steps:
             raise torch.cuda.OutOfMemoryError(f"injected out-of-memory in step {self.steps_run} of {self.name}")
+        step_began = time.monotonic()
         report = self.engine.step()
         now = time.monotonic()
-        for request_id in report.started:
+        for request_id in report.started:  # admitted at the step's start: its queue wait ends there
             tracked = self._requests.get(request_id)
             if tracked is not None:
-                tracked.started_at = now
-                self._recorder.queue_wait(now - tracked.arrival_time)
+                tracked.started_at = step_began
+                self._recorder.queue_wait(step_began - tracked.arrival_time)
         outputs = []
         for output in report.outputs:
             tracked = self._requests.get(output.request_id)

@@ -153,6 +153,27 @@ def test_a_request_that_waits_for_a_slot_has_its_queue_time_and_an_explicit_arri
     assert harness.sample("genserve_queue_wait_seconds_sum") == pytest.approx(6.0)
 
 
+def test_the_queue_wait_ends_where_the_step_that_admits_the_request_begins(
+        model_dir: Path, clock: ManualClock) -> None:
+    """A step takes time (a long prefill, a denoising batch): the wait ends at its start, the first token
+    comes at its end."""
+    harness = Harness(model_dir)
+    request_id = harness.submit(max_tokens=1)  # arrives at 100.0
+    engine_step = harness.engine.step
+
+    def step_taking_two_seconds():  # type: ignore[no-untyped-def]
+        report = engine_step()
+        clock.now += 2.0
+        return report
+
+    harness.engine.step = step_taking_two_seconds  # type: ignore[method-assign]
+    clock.now = 100.25
+    harness.served.step()  # runs from 100.25 to 102.25
+    timings = harness.final(request_id).timings
+    assert timings is not None and (timings.queue_s, timings.ttft_s, timings.total_s) == (0.25, 2.25, 2.25)
+    assert harness.sample("genserve_queue_wait_seconds_sum") == pytest.approx(0.25)
+
+
 def test_every_output_is_emitted_once_and_an_idle_step_emits_nothing(model_dir: Path, clock: ManualClock) -> None:
     harness = Harness(model_dir)
     request_id = harness.submit(max_tokens=2)
