@@ -44,13 +44,15 @@ class ImageEncoder:
         if not isinstance(message, StepOutputs):
             self._post(message)
             return
-        with_images = tuple(output for output in message.outputs if _has_unencoded_images(output))
+        with_images: list[RequestOutput] = []
+        others: list[RequestOutput] = []
+        for output in message.outputs:
+            (with_images if _has_unencoded_images(output) else others).append(output)
         if not with_images:
             self._post(message)
             return
-        others = tuple(output for output in message.outputs if not _has_unencoded_images(output))
         if others:
-            self._post(StepOutputs(others))
+            self._post(StepOutputs(tuple(others)))
         for output in with_images:  # one task each, so one request's images never wait for another's
             self._pool.submit(self._encode_and_post, output)
 
