@@ -46,6 +46,7 @@ def test_the_engine_core_settles_on_a_layout_and_moves_every_thread(tmp_path: Pa
         expected = {"pinned": cpus[:-1], "all-cores": cpus}
         assert decision["cpus"] == expected[str(decision["layout"])]
         assert int(decision["steps_compared"]) > 0  # type: ignore[call-overload]
+        assert decision["next_trial_after_s"] == 1000.0  # --cpu-layout-first-retune-s reached the core's tuner
         assert set(decision["step_ms_median"]) == {"pinned", "all-cores"}  # type: ignore[arg-type]
         core_pid = int(_events(log, "engine_core_ready")[0]["pid"])  # type: ignore[call-overload]
         for task in os.listdir(f"/proc/{core_pid}/task"):
